@@ -1,0 +1,3 @@
+from mmdc.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""The ``mmdc`` command line.
+
+    mmdc data synth --out DIR            write the built-in synthetic task (ScienceQA layout)
+    mmdc data export [CONFIG] [k=v ...]  convert a configured split to LLaVA JSON or a pool
+    mmdc eval [CONFIG] [k=v ...]         evaluate a model on a split (ScienceQA columns)
+    mmdc models build-toy                build the toy teacher and student checkpoints
+    mmdc models info [PATH ...]          parameters and vocabulary sharing
+    mmdc demo                            the built-in default, end to end
+
+A problem with the user's input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mmdc.errors import MmdcError
+
+log = logging.getLogger("mmdc")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (default: the built-in default)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="config overrides, e.g. eval.batch_size=16")
+
+
+def _split_config_args(args) -> tuple[str | None, list[str]]:
+    """Let the first positional be an override when no config file is given."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def _load_cfg(args):
+    from mmdc.config import load_config
+
+    config, overrides = _split_config_args(args)
+    return load_config(config, overrides)
+
+
+# ------------------------------------------------------------------------ commands
+
+
+def cmd_data_synth(args) -> int:
+    from mmdc.data.load import write_synthetic_task
+    from mmdc.data.synthetic import TaskSizes
+
+    sizes = TaskSizes(pretrain=args.pretrain, train=args.train, pool=args.pool, val=args.val,
+                      test=args.test)
+    out = write_synthetic_task(args.out, sizes, args.seed)
+    print(f"wrote the synthetic task (seed {args.seed}) to {out}: "
+          f"pretrain {sizes.pretrain}, train {sizes.train}, val {sizes.val}, "
+          f"test {sizes.test}, pool {sizes.pool} images")
+    return 0
+
+
+def cmd_data_export(args) -> int:
+    from mmdc.data.llava import write_llava_json
+    from mmdc.data.load import load_split
+    from mmdc.data.pool import write_pool
+
+    cfg = _load_cfg(args)
+    split = load_split(cfg.data, args.split)
+    labelled = [i for i in split.instances if i.answer is not None]
+    if args.to == "llava":
+        out = write_llava_json(args.out, labelled, args.prompt)
+    else:
+        out = write_pool(args.out, split.instances)
+    print(f"wrote {len(labelled if args.to == 'llava' else split.instances)} records "
+          f"of split {args.split!r} to {out}")
+    return 0
+
+
+def _model_cfg(cfg, which: str):
+    from mmdc.config import ModelConfig
+
+    if which in ("teacher", "student"):
+        return which, getattr(cfg, which)
+    name = Path(which).name or "model"
+    return name, ModelConfig(path=which)
+
+
+def cmd_eval(args) -> int:
+    from mmdc.config import save_resolved
+    from mmdc.data.load import load_split
+    from mmdc.evaluation import evaluate, format_columns, format_skills
+    from mmdc.models.load import load_model
+
+    cfg = _load_cfg(args)
+    split_name = args.split or cfg.data.test_split
+    split = load_split(cfg.data, split_name)
+    split.load_images()
+    out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
+    save_resolved(cfg, out_dir)
+    columns, skills = {}, {}
+    for which in args.model:
+        name, mcfg = _model_cfg(cfg, which)
+        loaded = load_model(mcfg.path, adapter=mcfg.adapter, dtype=mcfg.dtype,
+                            device=mcfg.device, trust_remote_code=mcfg.trust_remote_code)
+        result = evaluate(loaded.model, loaded.processor, split, fmt=cfg.eval.prompt,
+                          batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                          limit=cfg.eval.limit, desc=f"eval {name}")
+        result.save(out_dir, f"{name}_{split_name}")
+        columns[name], skills[name] = result.columns, result.skills
+    text = (f"ScienceQA columns on split {split_name!r} ({cfg.eval.prompt}):\n\n"
+            f"{format_columns(columns)}\n\nAccuracy per skill:\n\n{format_skills(skills)}\n")
+    (out_dir / f"eval_{split_name}.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"results in {out_dir}")
+    return 0
+
+
+def cmd_models_build(args) -> int:
+    from mmdc.models.build import build_toy
+    from mmdc.models.load import TOY_DIR
+
+    out = Path(args.out) if args.out else TOY_DIR
+    start = time.time()
+    result = build_toy(out, force=args.force)
+    for role, m in result.items():
+        print(f"{role}: {m['parameters']:,} parameters, built in {m['build_seconds']}s "
+              f"-> {out / role}")
+    print(f"done in {time.time() - start:.0f}s")
+    return 0
+
+
+def cmd_models_info(args) -> int:
+    from mmdc.models.load import count_parameters, load_model, vocab_report
+
+    paths = args.paths or ["builtin:teacher", "builtin:student"]
+    for p in paths:
+        loaded = load_model(p, device="cpu")
+        print(f"{p}: {type(loaded.model).__name__}, {count_parameters(loaded.model):,} "
+              f"parameters, vocabulary {len(loaded.tokenizer)}")
+    if len(paths) == 2:
+        rep = vocab_report(paths[0], paths[1])
+        shared = "yes" if rep["shared_vocabulary"] else "no"
+        print(f"shared vocabulary (token-level distillation possible): {shared}")
+        print(json.dumps(rep))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.model = ["teacher", "student"]
+    args.split = None
+    args.out = None
+    return cmd_eval(args)
+
+
+# ------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdc", description="Multimodal distillation "
+                                     "calibration (MmDC): distil a large multimodal LLM into "
+                                     "a small one.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND")
+    synth = data.add_parser("synth", help="write the built-in synthetic task in the "
+                            "official ScienceQA layout")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--seed", type=int, default=0)
+    for name, default in (("pretrain", 12000), ("train", 400), ("pool", 600), ("val", 200),
+                          ("test", 400)):
+        synth.add_argument(f"--{name}", type=int, default=default, help=f"size (default {default})")
+    synth.set_defaults(func=cmd_data_synth)
+    export = data.add_parser("export", help="write a configured split as LLaVA JSON or a "
+                             "JSONL pool")
+    _config_args(export)
+    export.add_argument("--split", required=True)
+    export.add_argument("--to", choices=["llava", "pool"], default="llava")
+    export.add_argument("--prompt", choices=["CQM-A", "CQM-LEA"], default="CQM-LEA")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_data_export)
+
+    ev = sub.add_parser("eval", help="evaluate models on a split: ScienceQA columns, "
+                        "per-skill accuracy, LLaVA result file, lmms-eval samples")
+    _config_args(ev)
+    ev.add_argument("--model", action="append", default=None,
+                    help="teacher, student or a model folder (repeatable; default: both)")
+    ev.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
+    ev.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    ev.set_defaults(func=cmd_eval)
+
+    models = sub.add_parser("models", help="model tools").add_subparsers(
+        dest="models_command", required=True, metavar="SUBCOMMAND")
+    build = models.add_parser("build-toy", help="build the toy teacher and student "
+                              "(cached: reused unless --force)")
+    build.add_argument("--out", default=None, help="folder (default: the package's "
+                       "toy_checkpoints)")
+    build.add_argument("--force", action="store_true", help="rebuild even if built")
+    build.set_defaults(func=cmd_models_build)
+    info = models.add_parser("info", help="parameter counts and vocabulary sharing")
+    info.add_argument("paths", nargs="*", help="model folders or builtin:NAME "
+                      "(default: the toy teacher and student)")
+    info.set_defaults(func=cmd_models_info)
+
+    demo = sub.add_parser("demo", help="run the built-in default end to end on CPU")
+    _config_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if getattr(args, "command", None) == "eval" and args.model is None:
+        args.model = ["teacher", "student"]
+    try:
+        return args.func(args)
+    except MmdcError as exc:
+        print(f"mmdc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmdc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""One typed config tree, loaded from YAML with ``key=value`` overrides.
+
+The built-in default *is* the models' defaults: ``Config()`` describes the embedded
+synthetic task with the toy teacher and student, and ``configs/default.yaml`` is its YAML
+dump (a test keeps the two equal). Unknown keys, wrong types and bad values are
+:class:`~mmdc.errors.ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmdc.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Section):
+    """Sizes of the built-in synthetic task's splits (used when data.format is synthetic)."""
+
+    seed: int = 0
+    pretrain: int = Field(12000, ge=0)
+    train: int = Field(400, ge=1)
+    pool: int = Field(600, ge=0)
+    val: int = Field(200, ge=1)
+    test: int = Field(400, ge=1)
+
+
+class DataConfig(_Section):
+    format: Literal["synthetic", "scienceqa", "scienceqa_hf", "llava"] = "synthetic"
+    root: str = "data/synthetic"  # dataset folder (a file for llava)
+    image_root: str | None = None  # llava: folder that image paths are relative to
+    seed_split: str = "train"  # the labelled instruction set
+    probe_split: str = "val"  # assessment
+    test_split: str = "test"  # held-out evaluation
+    pool: str | None = "pool"  # unlabelled images for generation
+    synth: SynthConfig = SynthConfig()
+
+
+class ModelConfig(_Section):
+    path: str  # a local save_pretrained folder, or builtin:teacher / builtin:student
+    adapter: str | None = None  # a PEFT adapter folder to apply on top
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+
+
+class EvalConfig(_Section):
+    prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-A"
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1)  # evaluate the first N instances only
+
+
+class Config(_Section):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: ModelConfig = ModelConfig(path="builtin:teacher")
+    student: ModelConfig = ModelConfig(path="builtin:student")
+    eval: EvalConfig = EvalConfig()
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _describe(loc: tuple, model: type[BaseModel]) -> str:
+    """List the keys allowed at the parent of ``loc``."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return ""
+        cls = field.annotation
+    return ", ".join(cls.model_fields)
+
+
+def _raise_from(err: ValidationError, source: str) -> None:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        allowed = _describe(e["loc"], Config)
+        msg = f"unknown key '{key}'" + (f" (allowed: {allowed})" if allowed else "")
+    else:
+        msg = f"key '{key}': {e['msg']}"
+        if "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" [and {more} more problem{'s' if more > 1 else ''}]"
+    raise ConfigError(f"{source}: {msg}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. eval.batch_size=16)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file (or the built-in default when ``path`` is None) and apply
+    ``key=value`` overrides."""
+    data: dict = {}
+    source = "built-in default config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, "
+                              f"got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with overrides)"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        _raise_from(err, source)
+        raise  # unreachable
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config into a run folder."""
+    from mmdc.data.pool import write_text_atomic
+
+    out = Path(run_dir) / "config.yaml"
+    write_text_atomic(out, config_to_yaml(cfg))
+    return out

@@ -1,0 +1,29 @@
+"""Resolving and loading images referenced by records, confined to their dataset root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from mmdc.errors import DataError
+
+
+def resolve_image(root: str | Path, rel: str, where: str) -> Path:
+    """The absolute path of ``rel`` under ``root``; an error if it escapes the root."""
+    root = Path(root).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"{where}: image path {rel!r} resolves outside the dataset root {root}")
+    return path
+
+
+def load_image(root: str | Path, rel: str, where: str) -> Image.Image:
+    path = resolve_image(root, rel, where)
+    if not path.is_file():
+        raise DataError(f"{where}: image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{where}: unreadable image {path} ({exc.__class__.__name__})") from None

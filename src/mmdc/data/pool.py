@@ -1,0 +1,83 @@
+"""JSONL instance pools and atomic file writes.
+
+A pool is one record per line (:class:`~mmdc.data.record.Instance` as JSON). Every write
+goes to a temporary file in the same folder and is renamed into place, so a crash never
+leaves a half-written pool behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from mmdc.data.record import Instance
+from mmdc.errors import DataError
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return write_text_atomic(path, text)
+
+
+def write_pool(path: str | Path, instances: Iterable[Instance]) -> Path:
+    return write_jsonl(path, (inst.to_dict() for inst in instances))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {n}: malformed JSON ({exc.msg})") from None
+    return rows
+
+
+def read_pool(path: str | Path) -> list[Instance]:
+    """Read and validate a JSONL pool; errors name the file, line and instance id."""
+    out, seen = [], set()
+    for n, row in enumerate(read_jsonl(path), 1):
+        where = f"{path}, record {n}"
+        if isinstance(row, dict) and "id" in row:
+            where += f" (id {row['id']!r})"
+        try:
+            inst = Instance.from_dict(row, where)
+        except (TypeError, ValueError) as exc:
+            raise DataError(str(exc)) from None
+        if inst.id in seen:
+            raise DataError(f"{where}: duplicate id {inst.id!r}")
+        seen.add(inst.id)
+        out.append(inst)
+    return out

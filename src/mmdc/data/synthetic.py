@@ -1,0 +1,374 @@
+"""The built-in synthetic task: a procedurally drawn multimodal multiple-choice task.
+
+Every image is drawn with Pillow from a *scene description* (a small dict), and every
+answer is computed from that description, so ground truth is exact. The task follows the
+ScienceQA schema (subjects, grades, hints, lectures, solutions) so that every official
+ScienceQA column (NAT SOC LAN TXT IMG NO G1-6 G7-12) has items.
+
+Images are 32x32 pixels: a 4x4 grid of 8x8 cells, each cell empty or holding one shape
+(or one half of a bar magnet). With a vision patch size of 8 each patch is one cell.
+
+Skills, in order of difficulty:
+
+==============  ================  =====  =========================================
+skill           subject           grade  what it asks
+==============  ================  =====  =========================================
+color           natural science   1      colour of the one shape of a given kind
+shape           natural science   2      shape of the one object of a given colour
+count           natural science   3      how many shapes
+alphabet        language science  4      which word comes first (text-only)
+count_color     natural science   6      how many shapes of a given colour
+spatial         social science    7      compass direction between two shapes
+compare         natural science   8      more shapes of one colour or another
+magnets         natural science   9      do two drawn magnets attract or repel
+==============  ================  =====  =========================================
+
+Splits (see :func:`build_task`): ``pretrain`` (broad and balanced: what a hub teacher
+already knows), ``train`` (the small seed instruction set, hard skills rare), ``pool``
+(unlabelled images with hidden scenes), ``val`` (the probe split) and ``test``
+(balanced, held out).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+from mmdc.data.record import Instance
+
+GRID = 4
+CELL = 8
+IMAGE_SIZE = GRID * CELL
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+}
+SHAPES = ("square", "circle", "triangle")
+POLE_COLORS = {"N": (200, 30, 30), "S": (30, 60, 200)}
+WORDS = (
+    "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pig queen "
+    "rain sun tree umbrella van wolf yarn zoo"
+).split()
+DIRECTIONS = ("north", "south", "east", "west")
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    subject: str
+    grade: int
+    topic: str
+    category: str
+    lecture: str
+    hard: bool
+    needs_image: bool = True
+    hint: str = ""  # a ScienceQA-style hint, attached to some instances
+    hint_rate: float = 0.0
+
+
+SKILLS: dict[str, Skill] = {
+    s.name: s
+    for s in [
+        Skill("color", "natural science", 1, "colors", "Identify colors",
+              "Look at the shape and name its color.", hard=False,
+              hint="Each shape has one color.", hint_rate=0.2),
+        Skill("shape", "natural science", 2, "shapes", "Identify shapes",
+              "Squares have four corners, triangles have three and circles have none.",
+              hard=False),
+        Skill("count", "natural science", 3, "counting", "Count objects",
+              "To count shapes, look at each shape once.", hard=False),
+        Skill("alphabet", "language science", 4, "reference-skills", "Alphabetical order",
+              "Words in alphabetical order are sorted by their first letter.", hard=False,
+              needs_image=False, hint="Compare the first letter of each word.", hint_rate=0.5),
+        Skill("count_color", "natural science", 6, "counting", "Count objects by color",
+              "To count shapes of one color, skip the shapes of other colors.", hard=True),
+        Skill("spatial", "social science", 7, "geography", "Read a map",
+              "On a map, north is up, south is down, east is right and west is left.",
+              hard=True, hint="The top of the picture is north.", hint_rate=0.5),
+        Skill("compare", "natural science", 8, "counting", "Compare amounts",
+              "To compare two amounts, count each and pick the larger.", hard=True),
+        Skill("magnets", "natural science", 9, "magnets", "Predict magnet forces",
+              "Magnets push or pull without touching. Opposite poles attract and like "
+              "poles repel.", hard=True,
+              hint="The north pole is red and the south pole is blue.", hint_rate=0.5),
+    ]
+}
+SKILL_NAMES = tuple(SKILLS)
+HARD_SKILLS = tuple(n for n, s in SKILLS.items() if s.hard)
+EASY_SKILLS = tuple(n for n, s in SKILLS.items() if not s.hard)
+
+# --------------------------------------------------------------------------- scenes
+
+
+def random_object_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 6) -> dict:
+    n = rng.randint(min_objects, max_objects)
+    cells = rng.sample(range(GRID * GRID), n)
+    objects = [
+        {"row": c // GRID, "col": c % GRID, "shape": rng.choice(SHAPES),
+         "color": rng.choice(list(COLORS))}
+        for c in sorted(cells)
+    ]
+    return {"kind": "objects", "objects": objects}
+
+
+def random_magnet_scene(rng: random.Random) -> dict:
+    # Two bar magnets side by side in one row: cells 0-1 and 2-3.
+    first = rng.choice(["NS", "SN"])
+    second = rng.choice(["NS", "SN"])
+    return {"kind": "magnets", "row": rng.randrange(GRID), "poles": list(first + second)}
+
+
+def random_scene(rng: random.Random, magnet_rate: float = 0.15) -> dict:
+    if rng.random() < magnet_rate:
+        return random_magnet_scene(rng)
+    return random_object_scene(rng, 1, 6)
+
+
+def draw_scene(scene: dict) -> Image.Image:
+    """Render a scene description to a 32x32 RGB image."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    if scene["kind"] == "magnets":
+        y = scene["row"] * CELL
+        for col, pole in enumerate(scene["poles"]):
+            x = col * CELL
+            d.rectangle([x, y + 1, x + CELL - 1, y + CELL - 2], fill=POLE_COLORS[pole])
+        # a dark gap between the two magnets
+        d.line([2 * CELL - 1, y, 2 * CELL - 1, y + CELL - 1], fill=(0, 0, 0))
+        return img
+    for obj in scene["objects"]:
+        x, y = obj["col"] * CELL, obj["row"] * CELL
+        fill = COLORS[obj["color"]]
+        if obj["shape"] == "square":
+            d.rectangle([x + 1, y + 1, x + 6, y + 6], fill=fill)
+        elif obj["shape"] == "circle":
+            d.ellipse([x + 0, y + 0, x + 7, y + 7], fill=fill)
+        else:
+            d.polygon([(x + 3.5, y + 0), (x + 7, y + 7), (x + 0, y + 7)], fill=fill)
+    return img
+
+
+# ------------------------------------------------------------------------ questions
+# Each builder takes a scene (or None for text-only skills) and an rng and returns
+# (question, choices, answer_index, solution), or None when the scene does not support
+# the skill.
+
+QA = tuple[str, list[str], int, str]
+
+
+def _options(rng: random.Random, correct: str, pool: list[str], k: int) -> tuple[list[str], int]:
+    others = [p for p in pool if p != correct]
+    chosen = rng.sample(others, min(k - 1, len(others))) + [correct]
+    rng.shuffle(chosen)
+    return chosen, chosen.index(correct)
+
+
+def _objects(scene: dict) -> list[dict]:
+    return scene["objects"] if scene and scene["kind"] == "objects" else []
+
+
+def _q_color(scene, rng) -> QA | None:
+    objs = _objects(scene)
+    unique = [o for o in objs if sum(p["shape"] == o["shape"] for p in objs) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    choices, ans = _options(rng, o["color"], list(COLORS), rng.choice([3, 4]))
+    return (f"What color is the {o['shape']}?", choices, ans,
+            f"The {o['shape']} is {o['color']}.")
+
+
+def _q_shape(scene, rng) -> QA | None:
+    objs = _objects(scene)
+    unique = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    choices, ans = _options(rng, o["shape"], list(SHAPES), 3)
+    return (f"What shape is the {o['color']} object?", choices, ans,
+            f"The {o['color']} object is a {o['shape']}.")
+
+
+def _numbers(rng, n: int, lo: int, hi: int) -> tuple[list[str], int]:
+    return _options(rng, str(n), [str(i) for i in range(lo, hi + 1)], rng.choice([3, 4]))
+
+
+def _q_count(scene, rng) -> QA | None:
+    objs = _objects(scene)
+    if not objs:
+        return None
+    n = len(objs)
+    choices, ans = _numbers(rng, n, 1, 6)
+    noun = "shape" if n == 1 else "shapes"
+    verb = "is" if n == 1 else "are"
+    return ("How many shapes are in the picture?", choices, ans, f"There {verb} {n} {noun}.")
+
+
+def _q_count_color(scene, rng) -> QA | None:
+    objs = _objects(scene)
+    if not objs:
+        return None
+    present = sorted({o["color"] for o in objs})
+    color = rng.choice(present) if rng.random() < 0.85 else rng.choice(list(COLORS))
+    n = sum(o["color"] == color for o in objs)
+    choices, ans = _numbers(rng, n, 0, 5)
+    return (f"How many {color} shapes are in the picture?", choices, ans,
+            f"There are {n} {color} shapes.")
+
+
+def _direction(a: dict, b: dict) -> str | None:
+    if a["col"] == b["col"] and a["row"] != b["row"]:
+        return "north" if a["row"] < b["row"] else "south"
+    if a["row"] == b["row"] and a["col"] != b["col"]:
+        return "west" if a["col"] < b["col"] else "east"
+    return None
+
+
+def _q_spatial(scene, rng) -> QA | None:
+    objs = _objects(scene)
+    unique = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
+    pairs = [(a, b) for a in unique for b in unique if a is not b and _direction(a, b)]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    d = _direction(a, b)
+    choices, ans = _options(rng, d, list(DIRECTIONS), 4)
+    return (f"Which direction is the {a['color']} shape from the {b['color']} shape?",
+            choices, ans, f"The {a['color']} shape is {d} of the {b['color']} shape.")
+
+
+def _q_compare(scene, rng) -> QA | None:
+    objs = _objects(scene)
+    counts = {c: sum(o["color"] == c for o in objs) for c in COLORS}
+    pairs = [(a, b) for a in COLORS for b in COLORS if a < b and counts[a] != counts[b]
+             and counts[a] + counts[b] >= 2]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    if rng.random() < 0.5:
+        a, b = b, a
+    more = a if counts[a] > counts[b] else b
+    choices = [a, b]
+    return (f"Are there more {a} shapes or {b} shapes?", choices, choices.index(more),
+            f"There are {counts[a]} {a} shapes and {counts[b]} {b} shapes.")
+
+
+def _q_magnets(scene, rng) -> QA | None:
+    if not scene or scene["kind"] != "magnets":
+        return None
+    p1, p2 = scene["poles"][1], scene["poles"][2]
+    attract = p1 != p2
+    choices = ["attract", "repel"] if rng.random() < 0.5 else ["repel", "attract"]
+    name = {"N": "north", "S": "south"}
+    rule = "Opposite poles attract." if attract else "Like poles repel."
+    return ("Will these magnets attract or repel each other?", choices,
+            choices.index("attract" if attract else "repel"),
+            f"The facing poles are {name[p1]} and {name[p2]}. {rule}")
+
+
+def _q_alphabet(scene, rng) -> QA | None:
+    words = rng.sample(WORDS, rng.choice([2, 3]))
+    first = min(words)
+    return ("Which word would come first in alphabetical order?", words, words.index(first),
+            f"The word {first} comes first in alphabetical order.")
+
+
+QUESTION_BUILDERS: dict[str, Callable[[dict | None, random.Random], QA | None]] = {
+    "color": _q_color,
+    "shape": _q_shape,
+    "count": _q_count,
+    "alphabet": _q_alphabet,
+    "count_color": _q_count_color,
+    "spatial": _q_spatial,
+    "compare": _q_compare,
+    "magnets": _q_magnets,
+}
+
+
+def scene_for_skill(skill: str, rng: random.Random) -> dict | None:
+    """A random scene on which ``skill`` can be asked (None for text-only skills)."""
+    if not SKILLS[skill].needs_image:
+        return None
+    if skill == "magnets":
+        return random_magnet_scene(rng)
+    lo, hi = {"color": (1, 5), "shape": (1, 5), "count": (1, 6), "count_color": (1, 6),
+              "spatial": (2, 6), "compare": (2, 7)}[skill]
+    return random_object_scene(rng, lo, hi)
+
+
+def make_instance(skill: str, rng: random.Random, iid: str, split: str,
+                  scene: dict | None = None, max_tries: int = 200) -> Instance:
+    """Draw a scene that supports ``skill`` (unless one is given) and ask it."""
+    build = QUESTION_BUILDERS[skill]
+    for _ in range(max_tries):
+        sc = scene if scene is not None else scene_for_skill(skill, rng)
+        qa = build(sc, rng)
+        if qa is not None:
+            break
+        if scene is not None:
+            raise ValueError(f"scene does not support skill {skill!r}")
+    else:  # pragma: no cover - every skill's scene generator supports it quickly
+        raise RuntimeError(f"could not draw a scene for skill {skill!r}")
+    s = SKILLS[skill]
+    question, choices, answer, solution = qa
+    context = s.hint if s.hint and rng.random() < s.hint_rate else ""
+    return Instance(
+        id=iid, question=question, choices=choices, answer=answer,
+        # where the official-layout writer puts the image (relative to the dataset root)
+        image=f"images/{split}/{iid}/image.png" if sc is not None else None,
+        context=context, lecture=s.lecture, solution=solution,
+        subject=s.subject, grade=s.grade, topic=s.topic, category=s.category,
+        skill=skill, split=split, source="synthetic",
+        meta={"scene": sc} if sc is not None else {},
+    )
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class TaskSizes:
+    pretrain: int = 12000
+    train: int = 400
+    pool: int = 600
+    val: int = 200
+    test: int = 400
+
+
+# The seed instruction set is skewed: hard skills are rare (the user's labelled data).
+SEED_WEIGHTS = {n: (1.0 if not s.hard else 0.2) for n, s in SKILLS.items()}
+
+
+def _skill_cycle(n: int, weights: dict[str, float], rng: random.Random) -> list[str]:
+    total = sum(weights.values())
+    counts = {k: int(round(n * w / total)) for k, w in weights.items()}
+    skills = [k for k, c in counts.items() for _ in range(c)]
+    while len(skills) < n:
+        skills.append(rng.choice(list(weights)))
+    skills = skills[:n]
+    rng.shuffle(skills)
+    return skills
+
+
+def generate_split(split: str, n: int, seed: int) -> Iterator[tuple[Instance, Image.Image | None]]:
+    """Yield ``n`` (instance, image) pairs of a labelled split, deterministically."""
+    rng = random.Random(f"mmdc-synthetic-{seed}-{split}")
+    weights = SEED_WEIGHTS if split == "train" else {k: 1.0 for k in SKILLS}
+    for i, skill in enumerate(_skill_cycle(n, weights, rng)):
+        inst = make_instance(skill, rng, f"{split}-{i:05d}", split)
+        scene = inst.meta.get("scene")
+        yield inst, (draw_scene(scene) if scene is not None else None)
+
+
+def generate_pool(n: int, seed: int) -> Iterator[tuple[str, dict, Image.Image]]:
+    """Yield ``n`` unlabelled (id, hidden scene, image) triples."""
+    rng = random.Random(f"mmdc-synthetic-{seed}-pool")
+    for i in range(n):
+        scene = random_scene(rng)
+        yield f"pool-{i:05d}", scene, draw_scene(scene)

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+An :class:`MmdcError` is a problem with the user's input (config, dataset, image, model
+folder): the CLI prints its message as one line on stderr and exits non-zero, with no
+traceback. Messages name the file and the field, line or instance id.
+"""
+
+
+class MmdcError(Exception):
+    """A problem with the user's input, reported as one clear line."""
+
+
+class ConfigError(MmdcError):
+    pass
+
+
+class DataError(MmdcError):
+    pass
+
+
+class ModelError(MmdcError):
+    pass

@@ -1,0 +1,96 @@
+"""Batched generation with a Hugging Face image-text-to-text model.
+
+Requests are grouped by whether they carry an image, sorted by prompt length, padded on
+the left and decoded with the KV cache; results come back in request order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    prompt: str  # the user text
+    image: Image.Image | None = None
+
+
+def chat_text(processor, prompt: str, has_image: bool, answer: str | None = None) -> str:
+    """Render one user turn (and optionally the assistant's answer) with the chat template."""
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if answer is not None:
+        text += " " + answer
+    return text
+
+
+def encode_batch(processor, requests: list[Request], padding_side: str = "left") -> dict:
+    texts = [chat_text(processor, r.prompt, r.image is not None) for r in requests]
+    images = [r.image.convert("RGB") for r in requests if r.image is not None]
+    tokenizer = processor.tokenizer
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        enc = processor(text=texts, images=images or None, padding=True, return_tensors="pt",
+                        add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    return dict(enc)
+
+
+@torch.no_grad()
+def generate(model, processor, requests: list[Request], *, max_new_tokens: int = 16,
+             batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None, desc: str | None = None,
+             progress: bool = True) -> list[str]:
+    """Generate one completion per request; returns decoded texts in request order."""
+    if not requests:
+        return []
+    tokenizer = processor.tokenizer
+    order = sorted(range(len(requests)),
+                   key=lambda i: (requests[i].image is None, len(requests[i].prompt)))
+    batches: list[list[int]] = []
+    for i in order:
+        if (batches and len(batches[-1]) < batch_size
+                and (requests[batches[-1][0]].image is None) == (requests[i].image is None)):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = [""] * len(requests)
+    bar = tqdm(total=len(requests), desc=desc or "generate", disable=not progress, leave=False)
+    try:
+        for idx in batches:
+            enc = encode_batch(processor, [requests[i] for i in idx])
+            enc = {k: v.to(device) for k, v in enc.items()}
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(dtype)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            out = model.generate(**enc, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i, t in zip(idx, texts):
+                outputs[i] = t.strip()
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return outputs

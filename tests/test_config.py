@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmdc.config import Config, config_to_yaml, load_config
+from mmdc.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert "default.yaml" in names and len(names) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # every shipped config carries its launch command in the header
+    assert path.read_text().startswith("#")
+    assert "mmdc " in path.read_text().split("\n\n")[0]
+
+
+def test_default_yaml_is_the_builtin_default():
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "default.yaml").read_text())
+    assert shipped == yaml.safe_load(config_to_yaml(Config()))
+    assert load_config(None) == Config()
+
+
+def test_real_model_config_names_llava_pair():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "llava15_13b_to_7b_scienceqa.yaml")
+    assert "13b" in cfg.teacher.path and "7b" in cfg.student.path
+    assert cfg.data.format == "scienceqa"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["eval.batch_size=16", "data.format=scienceqa", "eval.limit=null",
+                             "teacher.path=/x/y"])
+    assert cfg.eval.batch_size == 16 and cfg.data.format == "scienceqa"
+    assert cfg.eval.limit is None and cfg.teacher.path == "/x/y"
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "eval.batch_sise" in msg and "batch_size" in msg and str(p) in msg
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        load_config(None, ["nope=1"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"key 'eval.batch_size'.*'many'"):
+        load_config(None, ["eval.batch_size=many"])
+
+
+def test_bad_value_lists_allowed():
+    with pytest.raises(ConfigError, match=r"data.format.*'synthetic'.*'scienceqa'"):
+        load_config(None, ["data.format=csv"])
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match="eval.batch_size"):
+        load_config(None, ["eval.batch_size=0"])
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("seed: 1\neval: [unclosed\n  x: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: malformed YAML at line \d+"):
+        load_config(p)
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["justakey"])

@@ -1,0 +1,69 @@
+import pytest
+
+from mmdc.data.record import Instance
+from mmdc.prompts import (
+    build_prompt,
+    build_target,
+    build_write_prompt,
+    format_written,
+    parse_answer,
+    parse_written,
+)
+
+
+def _inst(**kw):
+    base = dict(id="1", question="How many?", choices=["1", "2", "3"], answer=1,
+                lecture="Count.", solution="There are 2.")
+    base.update(kw)
+    return Instance(**base)
+
+
+def test_cqm_a_prompt_layout():
+    p = build_prompt(_inst(context=""), "CQM-A")
+    assert p == ("Context: N/A\nQuestion: How many?\nOptions: (A) 1 (B) 2 (C) 3\n"
+                 "Answer with the option's letter from the given choices directly.")
+    assert build_prompt(_inst(context="A hint."), "CQM-A").startswith("Context: A hint.\n")
+
+
+def test_lea_target_ends_with_answer():
+    assert build_target(_inst(), "CQM-LEA") == "Count. There are 2. The answer is B."
+    assert build_target(_inst(), "CQM-A") == "B"
+    with pytest.raises(ValueError):
+        build_prompt(_inst(), "QCM")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("B", 1), (" C ", 2), ("A. because", 0), ("The answer is C.", 2),
+    ("Lecture. The answer is A.", 0), ("The answer is A. The answer is B.", None),
+    ("D", None), ("b", None), ("I think B", None), ("", None), ("The answer is E.", None),
+])
+def test_parse_answer(text, expected):
+    assert parse_answer(text, 3) == expected
+
+
+def test_written_round_trip():
+    inst = _inst()
+    parsed = parse_written(format_written(inst))
+    assert parsed == {"question": "How many?", "choices": ["1", "2", "3"], "answer": 1,
+                      "lecture": "Count.", "solution": "There are 2."}
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("Question: x\nOptions: (A) a (B) b", "answer"),
+    ("Options: (A) a (B) b\nAnswer: A", "question"),
+    ("Question: x\nOptions: a, b\nAnswer: A", "layout"),
+    ("Question: x\nOptions: (A) a (B) a\nAnswer: A", "repeated"),
+    ("Question: x\nOptions: (A) a (C) b\nAnswer: A", "order"),
+    ("Question: x\nOptions: (A) a (B) b\nAnswer: C", "not one of"),
+    ("Question: x\nQuestion: y\nOptions: (A) a (B) b\nAnswer: A", "duplicate"),
+])
+def test_parse_written_rejects(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_written(text)
+
+
+def test_write_prompt_modes():
+    img = _inst(image="a.png")
+    assert "same kind about the image" in build_write_prompt(img, "same")
+    assert "harder" in build_write_prompt(img, "rarer")
+    assert "image" not in build_write_prompt(_inst(), "same").split("\n")[1]
