@@ -1,3 +1,5 @@
-from mmdc.cli import main
 import sys
+
+from mmdc.cli import main
+
 sys.exit(main())

@@ -83,7 +83,8 @@ def _describe(loc: tuple, model: type[BaseModel]) -> str:
 
 
 def _raise_from(err: ValidationError, source: str) -> None:
-    e = err.errors()[0]
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    e = errors[0]
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         allowed = _describe(e["loc"], Config)
@@ -124,6 +125,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _merge(base: dict, data: dict) -> dict:
+    """Deep-merge the user's keys onto the defaults, so a section can be given in part."""
+    out = dict(base)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config file (or the built-in default when ``path`` is None) and apply
     ``key=value`` overrides."""
@@ -153,7 +165,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = apply_overrides(data, overrides)
         source += " (with overrides)"
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(_merge(Config().model_dump(), data))
     except ValidationError as err:
         _raise_from(err, source)
         raise  # unreachable

@@ -154,6 +154,21 @@ def draw_scene(scene: dict) -> Image.Image:
     return img
 
 
+def describe_scene(scene: dict) -> str:
+    """A caption listing what is drawn where (rows and columns counted from 1).
+
+    The toy pre-training recipe uses it as a dense grounding task, the way LLaVA's first
+    stage trains on captions."""
+    if scene["kind"] == "magnets":
+        poles = " ".join({"N": "north", "S": "south"}[p] for p in scene["poles"])
+        return f"Two magnets in row {scene['row'] + 1}, poles from left to right: {poles}."
+    parts = [f"a {o['color']} {o['shape']} at row {o['row'] + 1} column {o['col'] + 1}"
+             for o in scene["objects"]]
+    return "The picture shows " + ", ".join(parts) + "."
+
+
+CAPTION_PROMPT = "Describe the picture."
+
 # ------------------------------------------------------------------------ questions
 # Each builder takes a scene (or None for text-only skills) and an rng and returns
 # (question, choices, answer_index, solution), or None when the scene does not support

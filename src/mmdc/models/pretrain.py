@@ -37,6 +37,7 @@ class Recipe:
     warmup: int = 100
     weight_decay: float = 0.01
     write_fraction: float = 0.0  # share of examples that teach instance writing
+    caption_fraction: float = 0.0  # share of examples that describe the scene (grounding)
     lea_fraction: float = 0.5  # share of answer examples in the CQM-LEA format
 
 
@@ -69,8 +70,13 @@ def build_examples(instances: list[Instance], recipe: Recipe, seed: int) -> list
     examples = []
     for i, inst in enumerate(instances):
         scene = inst.meta.get("scene")
-        if rng.random() < recipe.write_fraction:
+        r = rng.random()
+        if r < recipe.write_fraction:
             examples.append(_written_example(inst, rng, i))
+            continue
+        if scene is not None and r < recipe.write_fraction + recipe.caption_fraction:
+            examples.append(Example(synthetic.CAPTION_PROMPT, scene,
+                                    synthetic.describe_scene(scene)))
             continue
         fmt = "CQM-LEA" if rng.random() < recipe.lea_fraction else "CQM-A"
         examples.append(Example(build_prompt(inst, fmt), scene, build_target(inst, fmt)))

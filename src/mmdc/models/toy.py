@@ -84,6 +84,9 @@ def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
                 f"USER: {build_write_prompt(inst, 'same')} ASSISTANT: {format_written(inst)}",
                 f"USER: {build_write_prompt(inst, 'rarer')}",
             ]
+            if inst.meta.get("scene"):
+                texts.append(f"USER: {synthetic.CAPTION_PROMPT} ASSISTANT: "
+                             f"{synthetic.describe_scene(inst.meta['scene'])}")
     return texts
 
 

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from mmdc.data.load import Split
+from mmdc.data.scienceqa import read_scienceqa
+from mmdc.generation import Request, generate
+from mmdc.models import toy
+from mmdc.models.build import MANIFEST, expected_manifest
+from mmdc.models.load import TOY_DIR, count_parameters, load_model, vocab_report
+
+
+def test_plain_transformers_checkpoint_loads_and_generates(plain_llava, synth_root):
+    loaded = load_model(str(plain_llava), device="cpu")
+    assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
+    split = Split("test", synth_root, read_scienceqa(synth_root, "test")[:4])
+    reqs = [Request("Question: x", split.image(i)) for i in split.instances]
+    outs = generate(loaded.model, loaded.processor, reqs, max_new_tokens=3, progress=False)
+    assert len(outs) == 4 and all(isinstance(o, str) for o in outs)
+
+
+def test_toy_builder_round_trips_through_auto_classes(tmp_path):
+    tok = toy.build_tokenizer()
+    assert toy.build_tokenizer().get_vocab() == tok.get_vocab()  # deterministic
+    spec = toy.STUDENT_SPEC
+    model = toy.build_model(spec, tok)
+    toy.build_processor(tok, spec).save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "generation_config.json"} <= names
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert count_parameters(loaded.model) == count_parameters(model)
+    assert loaded.processor.num_additional_image_tokens == 1
+    assert loaded.processor.chat_template == toy.CHAT_TEMPLATE
+
+
+def test_student_has_at_most_an_eighth_of_teacher_parameters():
+    tok = toy.build_tokenizer()
+    t = count_parameters(toy.build_model(toy.TEACHER_SPEC, tok))
+    s = count_parameters(toy.build_model(toy.STUDENT_SPEC, tok))
+    assert s * 8 <= t
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_shipped_toy_checkpoints_match_current_builder(role):
+    folder = TOY_DIR / role
+    assert (folder / "model.safetensors").is_file(), "run: mmdc models build-toy"
+    tok = toy.build_tokenizer()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    want = expected_manifest(role, tok)
+    for key in ("spec", "recipe", "tokenizer", "seed"):
+        assert manifest[key] == want[key], f"{role} {key} is stale: run mmdc models build-toy --force"
+    spec = toy.TEACHER_SPEC if role == "teacher" else toy.STUDENT_SPEC
+    shipped = json.loads((folder / "config.json").read_text())
+    built = toy.build_config(spec, tok).to_dict()
+    for section in ("text_config", "vision_config"):
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            if key in built[section]:
+                assert shipped[section][key] == built[section][key], (section, key)
+    loaded = load_model(f"builtin:{role}", device="cpu")
+    assert loaded.tokenizer.get_vocab() == tok.get_vocab()
+
+
+def test_shipped_checkpoints_are_small_safetensors():
+    files = [p for p in TOY_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 10 * 1024 * 1024
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl")]
+
+
+def test_vocabulary_sharing_is_reported(plain_llava):
+    rep = vocab_report("builtin:teacher", "builtin:student")
+    assert rep["shared_vocabulary"] is True
+    rep = vocab_report("builtin:teacher", str(plain_llava))
+    assert rep["shared_vocabulary"] is False
