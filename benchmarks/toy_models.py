@@ -27,6 +27,36 @@ from mmdc.models.build import MANIFEST, build_toy
 from mmdc.models.load import TOY_DIR, count_parameters, load_model, vocab_report
 
 
+def teacher_writing(folder: Path, split, n: int = 64) -> dict:
+    """How often the teacher's written instances parse into valid records."""
+    import random
+
+    from mmdc.data import synthetic
+    from mmdc.generation import Request, generate
+    from mmdc.prompts import build_write_prompt, parse_written
+
+    loaded = load_model(str(folder), device="cpu")
+    rng = random.Random(0)
+    seeds = [i for i in split.instances][:n]
+    reqs = []
+    for seed in seeds:
+        image = None
+        if seed.image is not None:
+            image = synthetic.draw_scene(synthetic.scene_for_skill(seed.skill, rng))
+        reqs.append(Request(build_write_prompt(seed, "same"), image))
+    outs = generate(loaded.model, loaded.processor, reqs, max_new_tokens=96, batch_size=32,
+                    desc="teacher writes")
+    parsed = same = 0
+    for seed, out in zip(seeds, outs):
+        try:
+            fields = parse_written(out)
+        except ValueError:
+            continue
+        parsed += 1
+        same += fields["question"].split()[:3] == seed.question.split()[:3]
+    return {"asked": len(seeds), "parsed": parsed, "same_template": same}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="cold-build both into a temp dir")
@@ -61,6 +91,7 @@ def main() -> int:
             "build_s": manifest["build_seconds"],
             "eval_s": round(time.time() - start, 1),
         }
+    writing = teacher_writing(folder / "teacher", split)
     vocab = vocab_report(str(folder / "teacher"), str(folder / "student"))
     skills = list(rows["teacher"]["skills"])
     print(f"Toy checkpoints ({'cold rebuild' if args.rebuild else 'shipped'}), held-out "
@@ -73,12 +104,15 @@ def main() -> int:
     ratio = rows["teacher"]["parameters"] / rows["student"]["parameters"]
     print(f"\nteacher/student parameter ratio: {ratio:.1f}")
     print(f"shared vocabulary: {vocab['shared_vocabulary']}")
+    print(f"teacher writing: {writing['parsed']}/{writing['asked']} new instances parse "
+          f"({writing['same_template']} ask the seed's kind of question)")
     if total_build is not None:
         print(f"cold build of both (wall): {total_build:.0f}s")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {peak_mb:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "vocab": vocab,
+                                               "writing": writing,
                                                "cold_build_s": total_build}, indent=2))
     return 0
 

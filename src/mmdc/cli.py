@@ -3,6 +3,7 @@
     mmdc data synth --out DIR            write the built-in synthetic task (ScienceQA layout)
     mmdc data export [CONFIG] [k=v ...]  convert a configured split to LLaVA JSON or a pool
     mmdc eval [CONFIG] [k=v ...]         evaluate a model on a split (ScienceQA columns)
+    mmdc align [CONFIG] [k=v ...]        stage 1: LoRA alignment (PEFT adapter folders)
     mmdc models build-toy                build the toy teacher and student checkpoints
     mmdc models info [PATH ...]          parameters and vocabulary sharing
     mmdc demo                            the built-in default, end to end
@@ -163,7 +164,30 @@ def cmd_models_info(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    from mmdc.config import save_resolved
+    from mmdc.data.pool import write_json
+    from mmdc.stages.align import run_align
+
+    cfg = _load_cfg(args)
+    run_dir = Path(cfg.run_dir)
+    save_resolved(cfg, run_dir)
+    for role in cfg.align.roles:
+        out = run_dir / "align" / role
+        summary = run_align(cfg, role, out)
+        write_json(out / "metrics.json", summary)
+        print(f"aligned {role}: {summary['instances']} instances, {summary['steps']} steps, "
+              f"final loss {summary['losses'][-1]:.4f} -> {summary['adapter']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
+    from mmdc.models.load import vocab_report
+
+    cfg = _load_cfg(args)
+    rep = vocab_report(cfg.teacher.path, cfg.student.path)
+    print(f"teacher and student share a vocabulary: {'yes' if rep['shared_vocabulary'] else 'no'}"
+          f" ({rep['teacher_vocab_size']} / {rep['student_vocab_size']} tokens)")
     args.model = ["teacher", "student"]
     args.split = None
     args.out = None
@@ -186,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "official ScienceQA layout")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--seed", type=int, default=0)
-    for name, default in (("pretrain", 12000), ("train", 400), ("pool", 600), ("val", 200),
+    for name, default in (("pretrain", 2000), ("train", 400), ("pool", 600), ("val", 200),
                           ("test", 400)):
         synth.add_argument(f"--{name}", type=int, default=default, help=f"size (default {default})")
     synth.set_defaults(func=cmd_data_synth)
@@ -207,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     ev.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     ev.set_defaults(func=cmd_eval)
+
+    align = sub.add_parser("align", help="stage 1: LoRA alignment of the configured roles "
+                           "on the seed split (PEFT adapter + trained projector)")
+    _config_args(align)
+    align.set_defaults(func=cmd_align)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")

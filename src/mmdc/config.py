@@ -25,7 +25,7 @@ class SynthConfig(_Section):
     """Sizes of the built-in synthetic task's splits (used when data.format is synthetic)."""
 
     seed: int = 0
-    pretrain: int = Field(12000, ge=0)
+    pretrain: int = Field(2000, ge=0)
     train: int = Field(400, ge=1)
     pool: int = Field(600, ge=0)
     val: int = Field(200, ge=1)
@@ -58,6 +58,34 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, ge=1)  # evaluate the first N instances only
 
 
+class LoraConfigSection(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # a regex on module paths: the language model's linear layers only (not the CLIP tower)
+    target_pattern: str = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|"
+                           r"up_proj|down_proj)")
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=1)
+    warmup_steps: int = Field(20, ge=0)
+    max_length: int = Field(512, ge=16)
+    logging_steps: int = Field(10, ge=1)
+
+
+class AlignConfig(_Section):
+    """Stage 1: LoRA alignment on the seed instruction set."""
+
+    roles: list[Literal["teacher", "student"]] = ["student"]
+    prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
+    lora: LoraConfigSection = LoraConfigSection()
+    train: TrainConfig = TrainConfig()
+
+
 class Config(_Section):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -65,6 +93,7 @@ class Config(_Section):
     teacher: ModelConfig = ModelConfig(path="builtin:teacher")
     student: ModelConfig = ModelConfig(path="builtin:student")
     eval: EvalConfig = EvalConfig()
+    align: AlignConfig = AlignConfig()
 
 
 # ------------------------------------------------------------------------- loading

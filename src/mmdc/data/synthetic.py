@@ -127,7 +127,7 @@ def random_magnet_scene(rng: random.Random) -> dict:
 def random_scene(rng: random.Random, magnet_rate: float = 0.15) -> dict:
     if rng.random() < magnet_rate:
         return random_magnet_scene(rng)
-    return random_object_scene(rng, 1, 6)
+    return random_object_scene(rng, 1, 5)
 
 
 def draw_scene(scene: dict) -> Image.Image:
@@ -177,11 +177,12 @@ CAPTION_PROMPT = "Describe the picture."
 QA = tuple[str, list[str], int, str]
 
 
-def _options(rng: random.Random, correct: str, pool: list[str], k: int) -> tuple[list[str], int]:
-    others = [p for p in pool if p != correct]
-    chosen = rng.sample(others, min(k - 1, len(others))) + [correct]
-    rng.shuffle(chosen)
-    return chosen, chosen.index(correct)
+def _options(correct: str, options: list[str] | tuple[str, ...]) -> tuple[list[str], int]:
+    """Closed-set skills list every option in a fixed order (as ScienceQA does for
+    "attract / repel"), so the answer letter is a property of the value, and the skill's
+    difficulty lies in perceiving and reasoning, not in locating the value among options."""
+    options = list(options)
+    return options, options.index(correct)
 
 
 def _objects(scene: dict) -> list[dict]:
@@ -194,7 +195,7 @@ def _q_color(scene, rng) -> QA | None:
     if not unique:
         return None
     o = rng.choice(unique)
-    choices, ans = _options(rng, o["color"], list(COLORS), rng.choice([3, 4]))
+    choices, ans = _options(o["color"], list(COLORS))
     return (f"What color is the {o['shape']}?", choices, ans,
             f"The {o['shape']} is {o['color']}.")
 
@@ -205,13 +206,13 @@ def _q_shape(scene, rng) -> QA | None:
     if not unique:
         return None
     o = rng.choice(unique)
-    choices, ans = _options(rng, o["shape"], list(SHAPES), 3)
+    choices, ans = _options(o["shape"], SHAPES)
     return (f"What shape is the {o['color']} object?", choices, ans,
             f"The {o['color']} object is a {o['shape']}.")
 
 
-def _numbers(rng, n: int, lo: int, hi: int) -> tuple[list[str], int]:
-    return _options(rng, str(n), [str(i) for i in range(lo, hi + 1)], rng.choice([3, 4]))
+def _numbers(n: int, lo: int, hi: int) -> tuple[list[str], int]:
+    return _options(str(n), [str(i) for i in range(lo, hi + 1)])
 
 
 def _q_count(scene, rng) -> QA | None:
@@ -219,7 +220,7 @@ def _q_count(scene, rng) -> QA | None:
     if not objs:
         return None
     n = len(objs)
-    choices, ans = _numbers(rng, n, 1, 6)
+    choices, ans = _numbers(n, 1, 5)
     noun = "shape" if n == 1 else "shapes"
     verb = "is" if n == 1 else "are"
     return ("How many shapes are in the picture?", choices, ans, f"There {verb} {n} {noun}.")
@@ -232,7 +233,7 @@ def _q_count_color(scene, rng) -> QA | None:
     present = sorted({o["color"] for o in objs})
     color = rng.choice(present) if rng.random() < 0.85 else rng.choice(list(COLORS))
     n = sum(o["color"] == color for o in objs)
-    choices, ans = _numbers(rng, n, 0, 5)
+    choices, ans = _numbers(n, 0, 5)
     return (f"How many {color} shapes are in the picture?", choices, ans,
             f"There are {n} {color} shapes.")
 
@@ -253,7 +254,7 @@ def _q_spatial(scene, rng) -> QA | None:
         return None
     a, b = rng.choice(pairs)
     d = _direction(a, b)
-    choices, ans = _options(rng, d, list(DIRECTIONS), 4)
+    choices, ans = _options(d, DIRECTIONS)
     return (f"Which direction is the {a['color']} shape from the {b['color']} shape?",
             choices, ans, f"The {a['color']} shape is {d} of the {b['color']} shape.")
 
@@ -279,7 +280,7 @@ def _q_magnets(scene, rng) -> QA | None:
         return None
     p1, p2 = scene["poles"][1], scene["poles"][2]
     attract = p1 != p2
-    choices = ["attract", "repel"] if rng.random() < 0.5 else ["repel", "attract"]
+    choices = ["attract", "repel"]
     name = {"N": "north", "S": "south"}
     rule = "Opposite poles attract." if attract else "Like poles repel."
     return ("Will these magnets attract or repel each other?", choices,
@@ -312,8 +313,8 @@ def scene_for_skill(skill: str, rng: random.Random) -> dict | None:
         return None
     if skill == "magnets":
         return random_magnet_scene(rng)
-    lo, hi = {"color": (1, 5), "shape": (1, 5), "count": (1, 6), "count_color": (1, 6),
-              "spatial": (2, 6), "compare": (2, 7)}[skill]
+    lo, hi = {"color": (1, 5), "shape": (1, 5), "count": (1, 5), "count_color": (1, 5),
+              "spatial": (2, 6), "compare": (2, 6)}[skill]
     return random_object_scene(rng, lo, hi)
 
 
@@ -349,7 +350,7 @@ def make_instance(skill: str, rng: random.Random, iid: str, split: str,
 
 @dataclass(frozen=True)
 class TaskSizes:
-    pretrain: int = 12000
+    pretrain: int = 2000
     train: int = 400
     pool: int = 600
     val: int = 200

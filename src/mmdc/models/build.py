@@ -25,6 +25,7 @@ from mmdc.models import pretrain, toy
 log = logging.getLogger(__name__)
 
 MANIFEST = "mmdc_toy.json"
+PRETRAIN_SIZE = 40000  # draws from the synthetic task's pretrain generator
 ROLES = {
     "teacher": (toy.TEACHER_SPEC, pretrain.TEACHER_RECIPE),
     "student": (toy.STUDENT_SPEC, pretrain.STUDENT_RECIPE),
@@ -39,7 +40,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def expected_manifest(role: str, tokenizer, seed: int = 0) -> dict:
     spec, recipe = ROLES[role]
     return {"role": role, "seed": seed, "spec": asdict(spec), "recipe": asdict(recipe),
-            "tokenizer": tokenizer_fingerprint(tokenizer)}
+            "pretrain_size": PRETRAIN_SIZE, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
 def is_built(folder: Path, role: str, tokenizer, seed: int = 0) -> bool:
@@ -51,7 +52,7 @@ def is_built(folder: Path, role: str, tokenizer, seed: int = 0) -> bool:
     return all(have.get(k) == v for k, v in want.items())
 
 
-def build_role(role: str, out: Path, tokenizer, seed: int = 0, pretrain_size: int = 12000
+def build_role(role: str, out: Path, tokenizer, seed: int = 0, pretrain_size: int = PRETRAIN_SIZE
                ) -> dict:
     spec, recipe = ROLES[role]
     start = time.time()

@@ -41,8 +41,9 @@ class Recipe:
     lea_fraction: float = 0.5  # share of answer examples in the CQM-LEA format
 
 
-TEACHER_RECIPE = Recipe(steps=2400, lr=6e-4, write_fraction=0.25)
-STUDENT_RECIPE = Recipe(steps=500, lr=2e-3)
+TEACHER_RECIPE = Recipe(steps=6000, lr=8e-4, warmup=200, write_fraction=0.2,
+                        caption_fraction=0.1)
+STUDENT_RECIPE = Recipe(steps=1500, lr=1e-3, caption_fraction=0.15)
 
 
 @dataclass
@@ -122,6 +123,21 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     return out
 
 
+def _length_grouped_batches(data: list[dict], batch_size: int, rng: random.Random,
+                            group: int = 64) -> list[list[int]]:
+    """One epoch of batches: shuffled, then sorted by length within groups of ``group``
+    batches so that padding (and compute) stays small; batch order shuffled again."""
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    span = batch_size * group
+    batches = []
+    for g in range(0, len(order), span):
+        chunk = sorted(order[g:g + span], key=lambda i: len(data[i]["input_ids"]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train(model, processor, data: list[dict], recipe: Recipe, seed: int = 0,
           desc: str = "pretrain", log_every: int = 100) -> list[float]:
     """Run the recipe; returns the per-step losses."""
@@ -134,17 +150,14 @@ def train(model, processor, data: list[dict], recipe: Recipe, seed: int = 0,
                             betas=(0.9, 0.98))
     sched = get_cosine_schedule_with_warmup(opt, recipe.warmup, recipe.steps)
     pad = processor.tokenizer.pad_token_id
-    order: list[int] = []
+    batches: list[list[int]] = []
     losses = []
     start = time.time()
     bar = tqdm(range(recipe.steps), desc=desc, leave=False)
     for step in bar:
-        if len(order) < recipe.batch_size:
-            more = list(range(len(data)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[: recipe.batch_size], order[recipe.batch_size:]
-        batch = collate([data[i] for i in idx], pad)
+        if not batches:
+            batches = _length_grouped_batches(data, recipe.batch_size, rng)
+        batch = collate([data[i] for i in batches.pop()], pad)
         loss = model(**batch).loss
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{desc}: non-finite loss at step {step}")

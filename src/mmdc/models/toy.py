@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -29,7 +29,7 @@ from mmdc.prompts import build_prompt, build_target, build_write_prompt, format_
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
-TOKENIZER_VOCAB = 640
+TOKENIZER_VOCAB = 1024
 
 # The llava-1.5 conversation layout: "USER: <image>\n{prompt} ASSISTANT: {answer}</s>".
 CHAT_TEMPLATE = (
@@ -93,7 +93,13 @@ def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
 def build_tokenizer(seed: int = 0, vocab_size: int = TOKENIZER_VOCAB) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the synthetic corpus (deterministic)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Merges may cross spaces but not lines, option markers or the turn marker, so the
+    # fixed phrases of the templates become few tokens (sequences ~2x shorter, training
+    # ~2x faster) while every option, answer and line stays its own piece.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n|\s*\([A-Z]\)\s*|\s*ASSISTANT:|<image>"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -149,6 +155,13 @@ def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(spec, tokenizer))
+    # HF initialises the projector like a text layer (std 0.02), which suits a projector
+    # fed by a *pretrained* CLIP. From scratch that leaves image tokens ~100x smaller
+    # than their signal needs and vision learns very slowly: use fan-in scaling instead.
+    for layer in (model.model.multi_modal_projector.linear_1,
+                  model.model.multi_modal_projector.linear_2):
+        torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+        torch.nn.init.zeros_(layer.bias)
     gen = model.generation_config
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,126 @@
+"""Stage 1, ``align``: multimodal alignment by parameter-efficient fine-tuning.
+
+LoRA on the language model only (target modules chosen by a pattern on the language-model
+path, so the CLIP vision tower is untouched), the vision-to-language projector trained in
+full and saved with the adapter (``modules_to_save``), the vision tower frozen. Training
+runs through TRL's ``SFTTrainer`` on prompt-completion conversations, so the loss covers
+the answer tokens only. The result is a PEFT adapter folder; :func:`export_merged` writes a
+plain ``save_pretrained`` model with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mmdc.config import LoraConfigSection, TrainConfig
+from mmdc.data.record import Instance
+from mmdc.prompts import build_prompt, build_target
+
+log = logging.getLogger(__name__)
+
+PROJECTOR_MODULES = ["multi_modal_projector"]
+
+
+def sft_rows(instances: list[Instance], images: list, fmt: str = "CQM-LEA",
+             targets: list[str] | None = None) -> list[dict]:
+    """Prompt-completion conversations (with images) for TRL's SFTTrainer."""
+    rows = []
+    for n, (inst, image) in enumerate(zip(instances, images, strict=True)):
+        user = ([{"type": "image"}] if image is not None else []) + [
+            {"type": "text", "text": build_prompt(inst, fmt)}]
+        answer = targets[n] if targets is not None else build_target(inst, fmt)
+        rows.append({
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            "images": [image] if image is not None else [],
+        })
+    return rows
+
+
+def lora_config(settings: LoraConfigSection):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_pattern, modules_to_save=PROJECTOR_MODULES,
+                      task_type="CAUSAL_LM")
+
+
+def apply_lora(model, settings: LoraConfigSection):
+    """Wrap ``model`` with a fresh LoRA adapter; the vision tower stays frozen."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(settings))
+    for name, param in peft_model.named_parameters():
+        if "vision_tower" in name:
+            param.requires_grad_(False)
+    return peft_model
+
+
+def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
+              logging_dir: str | Path | None = None, seed: int = 0):
+    """Train ``model`` (already a PEFT model) on ``rows`` with TRL's SFTTrainer and save
+    the adapter to ``out_dir``. Returns the trainer's log history."""
+    import torch
+    from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    args = SFTConfig(
+        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+        lr_scheduler_type="cosine", logging_steps=settings.logging_steps, save_strategy="no",
+        report_to="none",
+        seed=seed, data_seed=seed, max_length=settings.max_length,
+        completion_only_loss=True, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False, bf16=False,
+    )
+    writer = SummaryWriter(log_dir=str(logging_dir or out_dir / "tensorboard"))
+    tensorboard = TensorBoardCallback(tb_writer=writer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=processor, callbacks=[tensorboard])
+    try:
+        trainer.train()
+    finally:
+        writer.close()
+    history = trainer.state.log_history
+    model.save_pretrained(out_dir)
+    return history
+
+
+def export_merged(peft_model, processor, out_dir: str | Path) -> Path:
+    """Merge the adapter into the base weights and save a plain HF checkpoint."""
+    out_dir = Path(out_dir)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def run_align(cfg, role: str, out_dir: str | Path) -> dict:
+    """Align one role (teacher or student) on the seed split; returns a summary."""
+    import math
+
+    from mmdc.data.load import load_split
+    from mmdc.models.load import load_model
+
+    mcfg = getattr(cfg, role)
+    split = load_split(cfg.data, cfg.data.seed_split)
+    split.load_images()
+    labelled = [i for i in split.instances if i.answer is not None]
+    loaded = load_model(mcfg.path, dtype=mcfg.dtype, device=mcfg.device,
+                        trust_remote_code=mcfg.trust_remote_code)
+    rows = sft_rows(labelled, [split.image(i) for i in labelled], cfg.align.prompt)
+    model = apply_lora(loaded.model, cfg.align.lora)
+    out_dir = Path(out_dir)
+    history = train_sft(model, loaded.processor, rows, out_dir / "adapter", cfg.align.train,
+                        logging_dir=Path(cfg.run_dir) / "tensorboard" / f"align-{role}",
+                        seed=cfg.seed)
+    losses = [h["loss"] for h in history if "loss" in h]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"align {role}: training produced non-finite losses {losses}")
+    return {"role": role, "instances": len(rows), "steps": cfg.align.train.max_steps,
+            "losses": losses, "adapter": str(out_dir / "adapter")}

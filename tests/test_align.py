@@ -1,0 +1,45 @@
+import math
+
+import torch
+from safetensors import safe_open
+
+from mmdc.config import LoraConfigSection, TrainConfig
+from mmdc.data.load import Split
+from mmdc.data.scienceqa import read_scienceqa
+from mmdc.models import toy
+from mmdc.models.load import load_model
+from mmdc.stages.align import apply_lora, export_merged, sft_rows, train_sft
+
+
+def test_align_lora_on_language_model_with_projector(synth_root, tmp_path):
+    tok = toy.build_tokenizer()
+    spec = toy.STUDENT_SPEC
+    model = toy.build_model(spec, tok)
+    processor = toy.build_processor(tok, spec)
+    vision_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    split = Split("train", synth_root, read_scienceqa(synth_root, "train"))
+    rows = sft_rows(split.instances, [split.image(i) for i in split.instances])
+    peft_model = apply_lora(model, LoraConfigSection(r=4, alpha=8))
+    lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora_names and not [n for n in lora_names if "vision_tower" in n]
+    history = train_sft(peft_model, processor, rows, tmp_path / "adapter",
+                        TrainConfig(max_steps=4, batch_size=8, logging_steps=1, warmup_steps=1))
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+    files = {p.name for p in (tmp_path / "adapter").iterdir() if p.is_file()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("multi_modal_projector" in k for k in keys)
+    assert not any("vision_tower" in k for k in keys)
+    for k, v in peft_model.base_model.model.model.vision_tower.state_dict().items():
+        assert torch.equal(v, vision_before[k]), k
+    # the adapter reloads on the base checkpoint, and a merged export loads as plain HF
+    base_dir = tmp_path / "base"
+    toy.build_model(spec, tok).save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    again = load_model(str(base_dir), adapter=str(tmp_path / "adapter"), device="cpu")
+    assert type(again.model).__name__.startswith("PeftModel")
+    merged = export_merged(peft_model, processor, tmp_path / "merged")
+    plain = load_model(str(merged), device="cpu")
+    assert type(plain.model).__name__ == "LlavaForConditionalGeneration"
