@@ -25,7 +25,7 @@ from mmdc.models import pretrain, toy
 log = logging.getLogger(__name__)
 
 MANIFEST = "mmdc_toy.json"
-PRETRAIN_SIZE = 40000  # draws from the synthetic task's pretrain generator
+PRETRAIN_SIZE = 30000  # draws from the synthetic task's pretrain generator
 ROLES = {
     "teacher": (toy.TEACHER_SPEC, pretrain.TEACHER_RECIPE),
     "student": (toy.STUDENT_SPEC, pretrain.STUDENT_RECIPE),

@@ -41,8 +41,7 @@ class Recipe:
     lea_fraction: float = 0.5  # share of answer examples in the CQM-LEA format
 
 
-TEACHER_RECIPE = Recipe(steps=6000, lr=8e-4, warmup=200, write_fraction=0.2,
-                        caption_fraction=0.1)
+TEACHER_RECIPE = Recipe(steps=3600, lr=5e-4, write_fraction=0.25, caption_fraction=0.15)
 STUDENT_RECIPE = Recipe(steps=1500, lr=1e-3, caption_fraction=0.15)
 
 
