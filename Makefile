@@ -8,8 +8,13 @@ STAMP := $(VENV)/.mmdc-installed
 
 .PHONY: install demo test test-slow lint bench clean
 
+# A torch already importable by PYTHON (a CUDA build, say) is kept: the venv then sees it.
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
