@@ -1,0 +1,203 @@
+"""``generate``: the teacher writes new instances aimed at the student's weaknesses, and
+verifies its own labels (the self-improving teacher's calibration).
+
+1. Seeds: hard instances (the student fell short) are asked for "a new question of the
+   same kind"; easy ones for "a harder question of the same subject" (Lion's hard/easy
+   seeding), at a configurable hard share (default 1:1). Each seed with an image is paired
+   with an unused image from the unlabelled pool.
+2. The teacher writes; the output is parsed into the canonical record. Drops, each counted
+   by reason: ``malformed`` (does not parse), ``duplicate`` (ROUGE-L above the threshold
+   against an instance on the same image, or against any text-only instance for text-only
+   items: a templated question on a *new* image is a new instance), ``unverified`` (the
+   teacher's k sampled answers agree less than tau), ``not_challenging`` (the current
+   student already answers like the teacher).
+3. Calibration: the label kept is the majority of the teacher's k sampled answers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mmdc.data.record import Instance
+from mmdc.prompts import build_write_prompt, parse_written
+
+DROP_REASONS = ("malformed", "duplicate", "unverified", "not_challenging")
+
+
+@dataclass
+class Seed:
+    instance: Instance
+    mode: str  # "same" (hard seed) or "rarer" (easy seed)
+    image: str | None  # pool image (relative path) for the new instance, None: text-only
+
+
+def select_seeds(hard: list[Instance], easy: list[Instance], n: int, pool_images: list[str],
+                 rng: random.Random, hard_share: float = 0.5) -> list[Seed]:
+    """Pick ``n`` seeds, ``hard_share`` of them hard (as far as there are), each image seed
+    paired with a distinct unused pool image."""
+    n_hard = min(len(hard), round(n * hard_share)) if easy else min(len(hard), n)
+    n_easy = min(len(easy), n - n_hard)
+    picks = [(s, "same") for s in rng.choices(hard, k=n_hard)] if hard else []
+    picks += [(s, "rarer") for s in rng.choices(easy, k=n_easy)] if easy else []
+    free = list(pool_images)
+    rng.shuffle(free)
+    seeds = []
+    for inst, mode in picks:
+        image = None
+        if inst.image is not None:
+            if not free:
+                continue  # the pool is used up
+            image = free.pop()
+        seeds.append(Seed(inst, mode, image))
+    return seeds
+
+
+def write_prompt(seed: Seed) -> str:
+    return build_write_prompt(seed.instance, seed.mode)
+
+
+def parse_instance(text: str, seed: Seed, iid: str, iteration: int) -> Instance:
+    """A teacher-written text -> a validated record (``ValueError`` when malformed)."""
+    fields = parse_written(text)
+    src = seed.instance
+    inst = Instance(
+        id=iid, question=fields["question"], choices=fields["choices"], answer=fields["answer"],
+        image=seed.image, lecture=fields["lecture"], solution=fields["solution"],
+        subject=src.subject, grade=src.grade if seed.mode == "same" else None,
+        topic=src.topic if seed.mode == "same" else "",
+        skill=src.skill if seed.mode == "same" else "", split="generated", source="teacher",
+        iteration=iteration,
+        meta={"seed_id": src.id, "seed_skill": src.skill, "mode": seed.mode, "written": text},
+    )
+    inst.validate(f"generated instance {iid}")
+    return inst
+
+
+class DuplicateFilter:
+    """ROUGE-L near-duplicate check, scoped to instances on the same image."""
+
+    def __init__(self, existing: list[Instance], threshold: float = 0.7):
+        from rouge_score import rouge_scorer
+
+        self.threshold = threshold
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self._by_image: dict[str | None, list[str]] = {}
+        for inst in existing:
+            self.add(inst)
+
+    def add(self, inst: Instance) -> None:
+        self._by_image.setdefault(inst.image, []).append(inst.question)
+
+    def max_similarity(self, inst: Instance) -> float:
+        others = self._by_image.get(inst.image, [])
+        return max((self._scorer.score(o, inst.question)["rougeL"].fmeasure for o in others),
+                   default=0.0)
+
+    def is_duplicate(self, inst: Instance) -> bool:
+        return self.max_similarity(inst) > self.threshold
+
+
+def majority(choices: list[int | None]) -> tuple[int | None, float]:
+    """The most common parsed answer and its share of all k samples (unparsable count
+    against agreement)."""
+    parsed = [c for c in choices if c is not None]
+    if not parsed:
+        return None, 0.0
+    value, count = Counter(parsed).most_common(1)[0]
+    return value, count / len(choices)
+
+
+@dataclass
+class GenerationReport:
+    asked: int = 0
+    accepted: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    per_skill: dict = field(default_factory=dict)
+
+    def count(self, skill: str, outcome: str) -> None:
+        self.per_skill.setdefault(skill or "(unknown)", Counter())[outcome] += 1
+
+    def to_dict(self) -> dict:
+        return {"asked": self.asked, "accepted": self.accepted,
+                "dropped": {r: self.dropped.get(r, 0) for r in DROP_REASONS},
+                "per_skill": {k: dict(v) for k, v in sorted(self.per_skill.items())}}
+
+
+def generate_instances(teacher, student, seeds: list[Seed], load_image, *, existing: list[Instance],
+                       iteration: int, k: int = 5, tau: float = 0.6, rouge_threshold: float = 0.7,
+                       challenge: bool = True, temperature: float = 0.7,
+                       max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0
+                       ) -> tuple[list[Instance], list[dict], GenerationReport]:
+    """Write, parse, filter and verify new instances.
+
+    ``teacher`` and ``student`` are :class:`~mmdc.models.load.Loaded`; ``load_image`` maps a
+    relative image path to a PIL image. Returns (accepted, rejected rows with their drop
+    reason, report)."""
+    from mmdc.generation import Request, generate
+    from mmdc.prompts import build_prompt, parse_answer
+
+    report = GenerationReport(asked=len(seeds))
+    images = [load_image(s.image) if s.image else None for s in seeds]
+    texts = generate(teacher.model, teacher.processor,
+                     [Request(write_prompt(s), img) for s, img in zip(seeds, images)],
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
+                     temperature=temperature, seed=seed, desc="teacher writes")
+    rejected: list[dict] = []
+    dup = DuplicateFilter(existing, rouge_threshold)
+    candidates: list[tuple[Instance, object]] = []
+    for n, (s, text, img) in enumerate(zip(seeds, texts, images)):
+        iid = f"gen-{iteration}-{n:05d}"
+        try:
+            inst = parse_instance(text, s, iid, iteration)
+        except ValueError as exc:
+            report.dropped["malformed"] += 1
+            report.count(s.instance.skill if s.mode == "same" else "", "malformed")
+            rejected.append({"id": iid, "reason": "malformed", "detail": str(exc), "text": text,
+                             "seed_id": s.instance.id})
+            continue
+        if dup.is_duplicate(inst):
+            report.dropped["duplicate"] += 1
+            report.count(inst.skill, "duplicate")
+            rejected.append({"id": iid, "reason": "duplicate", "record": inst.to_dict()})
+            continue
+        dup.add(inst)
+        candidates.append((inst, img))
+    if not candidates:
+        return [], rejected, report
+    # self-consistency: k sampled rationale answers from the teacher
+    requests = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in candidates for _ in range(k)]
+    samples = generate(teacher.model, teacher.processor, requests, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, do_sample=True, temperature=temperature,
+                       seed=seed + 1, desc="teacher verifies")
+    verified: list[tuple[Instance, object]] = []
+    for j, (inst, img) in enumerate(candidates):
+        votes = [parse_answer(t, len(inst.choices)) for t in samples[j * k:(j + 1) * k]]
+        label, share = majority(votes)
+        inst.meta.update(votes=votes, written_answer=inst.answer, agreement=share)
+        if label is None or share < tau:
+            report.dropped["unverified"] += 1
+            report.count(inst.skill, "unverified")
+            rejected.append({"id": inst.id, "reason": "unverified", "record": inst.to_dict()})
+            continue
+        inst.answer = label  # the teacher's calibrated label
+        verified.append((inst, img))
+    accepted = verified
+    if challenge and verified:
+        outs = generate(student.model, student.processor,
+                        [Request(build_prompt(i, "CQM-A"), img) for i, img in verified],
+                        max_new_tokens=8, batch_size=batch_size, desc="student tries")
+        accepted = []
+        for (inst, img), out in zip(verified, outs):
+            if parse_answer(out, len(inst.choices)) == inst.answer:
+                report.dropped["not_challenging"] += 1
+                report.count(inst.skill, "not_challenging")
+                rejected.append({"id": inst.id, "reason": "not_challenging",
+                                 "record": inst.to_dict()})
+            else:
+                accepted.append((inst, img))
+    for inst, _ in accepted:
+        report.count(inst.skill, "accepted")
+    report.accepted = len(accepted)
+    return [i for i, _ in accepted], rejected, report

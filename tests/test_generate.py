@@ -1,0 +1,119 @@
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from mmdc.data.record import Instance
+from mmdc.prompts import format_written
+from mmdc.stages.generate import (
+    DuplicateFilter,
+    GenerationReport,
+    Seed,
+    majority,
+    parse_instance,
+    select_seeds,
+)
+
+
+def _inst(i, image="images/a.png", skill="count", question="How many shapes are there?"):
+    return Instance(id=str(i), question=question, choices=["1", "2"], answer=0, image=image,
+                    skill=skill, subject="natural science", grade=3)
+
+
+def test_select_seeds_ratio_and_fresh_images():
+    hard = [_inst(f"h{i}") for i in range(10)]
+    easy = [_inst(f"e{i}", skill="color") for i in range(10)]
+    pool = [f"images/pool/{i}.png" for i in range(100)]
+    seeds = select_seeds(hard, easy, 20, pool, random.Random(0), hard_share=0.5)
+    modes = [s.mode for s in seeds]
+    assert modes.count("same") == 10 and modes.count("rarer") == 10
+    images = [s.image for s in seeds]
+    assert len(set(images)) == 20 and set(images) <= set(pool)
+    seeds = select_seeds(hard, easy, 20, pool, random.Random(0), hard_share=0.75)
+    assert [s.mode for s in seeds].count("same") == 10  # capped by the hard seeds available
+    assert len(select_seeds(hard, [], 5, pool, random.Random(0))) == 5
+    text_only = _inst("t", image=None, skill="alphabet")
+    (s,) = select_seeds([text_only], [], 1, [], random.Random(0))
+    assert s.image is None
+
+
+def test_parse_instance_keeps_provenance():
+    seed = Seed(_inst("s1"), "same", "images/pool/7.png")
+    written = format_written(_inst("x", question="How many red shapes are there?"))
+    inst = parse_instance(written, seed, "gen-1-0", iteration=1)
+    assert inst.image == "images/pool/7.png" and inst.skill == "count"
+    assert inst.source == "teacher" and inst.iteration == 1 and inst.meta["seed_id"] == "s1"
+    rarer = parse_instance(written, Seed(_inst("s2"), "rarer", None), "gen-1-1", 1)
+    assert rarer.skill == "" and rarer.meta["seed_skill"] == "count"
+    with pytest.raises(ValueError):
+        parse_instance("Question: x\nAnswer: A", seed, "gen-1-2", 1)
+
+
+def test_duplicates_are_scoped_to_the_same_image():
+    pool = [_inst(1, image="a.png", question="How many red shapes are in the picture?")]
+    f = DuplicateFilter(pool, threshold=0.7)
+    same_image = _inst(2, image="a.png", question="How many blue shapes are in the picture?")
+    new_image = _inst(3, image="b.png", question="How many red shapes are in the picture?")
+    different = _inst(4, image="a.png", question="Will these magnets attract or repel?")
+    assert f.is_duplicate(same_image) and f.max_similarity(same_image) > 0.8
+    assert not f.is_duplicate(new_image)
+    assert not f.is_duplicate(different)
+    f.add(new_image)
+    assert f.is_duplicate(_inst(5, image="b.png", question="How many red shapes are there in the picture?"))
+
+
+def test_majority_and_report():
+    assert majority([1, 1, 0, None]) == (1, 0.5)
+    assert majority([None, None]) == (None, 0.0)
+    assert majority([2, 2, 2]) == (2, 1.0)
+    r = GenerationReport(asked=3)
+    r.dropped["malformed"] += 1
+    r.count("count", "accepted")
+    d = r.to_dict()
+    assert d["dropped"] == {"malformed": 1, "duplicate": 0, "unverified": 0, "not_challenging": 0}
+    assert d["per_skill"] == {"count": {"accepted": 1}}
+
+
+def test_generate_instances_end_to_end(synth_root):
+    """The toy teacher writes on pool images; every outcome is a valid record or a counted
+    drop, never a crash; accepted records load back through the pool reader."""
+    from mmdc.data.images import load_image
+    from mmdc.data.load import read_image_pool
+    from mmdc.data.pool import read_pool, write_pool
+    from mmdc.data.scienceqa import read_scienceqa
+    from mmdc.models.load import load_model
+    from mmdc.stages.generate import generate_instances
+
+    teacher = load_model("builtin:teacher", device="cpu")
+    student = load_model("builtin:student", device="cpu")
+    train = read_scienceqa(synth_root, "train")
+    pool = [r["image"] for r in read_image_pool(synth_root)]
+    seeds = select_seeds(train[:4], train[4:8], 6, pool, random.Random(0))
+    accepted, rejected, report = generate_instances(
+        teacher, student, seeds, lambda rel: load_image(synth_root, rel, rel),
+        existing=train, iteration=1, k=3, tau=0.6)
+    d = report.to_dict()
+    assert d["asked"] == len(seeds) == report.accepted + sum(d["dropped"].values())
+    assert len(rejected) == sum(d["dropped"].values())
+    assert all(r["reason"] in d["dropped"] for r in rejected)
+    for inst in accepted:
+        assert inst.source == "teacher" and inst.iteration == 1 and inst.meta["agreement"] >= 0.6
+    out = write_pool(synth_root.parent / "gen.jsonl", accepted)
+    assert [i.id for i in read_pool(out)] == [i.id for i in accepted]
+
+
+def test_unparsable_teacher_output_is_counted_not_raised(monkeypatch):
+    """A teacher that writes garbage: every instance is dropped as malformed and counted."""
+    import mmdc.generation
+    from mmdc.stages.generate import generate_instances
+
+    def garbage(model, processor, requests, **kw):
+        return ["Question: ???", "", "Options: (A) x", "\u0000 nonsense"][: len(requests)]
+
+    monkeypatch.setattr(mmdc.generation, "generate", garbage)
+    seeds = [Seed(_inst(f"s{i}"), "same", None) for i in range(4)]
+    nobody = SimpleNamespace(model=None, processor=None)
+    accepted, rejected, report = generate_instances(nobody, nobody, seeds, lambda rel: None,
+                                                    existing=[], iteration=2)
+    assert accepted == [] and report.to_dict()["dropped"]["malformed"] == 4
+    assert {r["reason"] for r in rejected} == {"malformed"}
