@@ -181,6 +181,28 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from mmdc.calibrate import run
+
+    cfg = _load_cfg(args)
+    run_dir = run(cfg)
+    print((run_dir / "report.md").read_text(encoding="utf-8"))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mmdc.calibrate import write_report
+    from mmdc.config import load_config
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    print(write_report(run_dir, cfg.loop.iterations).read_text(encoding="utf-8"))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mmdc.models.load import vocab_report
 
@@ -236,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "on the seed split (PEFT adapter + trained projector)")
     _config_args(align)
     align.set_defaults(func=cmd_align)
+
+    run_p = sub.add_parser("run", help="the whole MmDC pipeline a config describes (align, "
+                           "then imitate/assess/generate/evaluate per iteration); rerunning "
+                           "into the same run folder resumes")
+    _config_args(run_p)
+    run_p.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="rebuild report.md of a run folder from its files")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")

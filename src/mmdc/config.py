@@ -86,6 +86,30 @@ class AlignConfig(_Section):
     train: TrainConfig = TrainConfig()
 
 
+class ImitateConfig(_Section):
+    """Sequence-level distillation: the student learns the teacher's CQM-LEA answers."""
+
+    max_new_tokens: int = Field(64, ge=1)  # teacher answer length
+    train: TrainConfig = TrainConfig(max_steps=100)
+
+
+class GenerateConfig(_Section):
+    per_iteration: int = Field(64, ge=1)  # seeds asked per iteration
+    hard_share: float = Field(0.5, ge=0.0, le=1.0)  # hard:easy = 1:1 by default
+    k: int = Field(5, ge=1)  # sampled teacher answers for self-consistency
+    tau: float = Field(0.6, ge=0.0, le=1.0)  # minimum agreement to keep an instance
+    rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
+    challenge: bool = True  # drop instances the student already answers like the teacher
+    temperature: float = Field(0.7, gt=0.0)
+    max_new_tokens: int = Field(128, ge=8)
+
+
+class LoopConfig(_Section):
+    iterations: int = Field(3, ge=0)
+    strategy: Literal["targeted", "random", "none"] = "targeted"
+    retrain: Literal["continue", "reset"] = "continue"
+
+
 class Config(_Section):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -94,6 +118,9 @@ class Config(_Section):
     student: ModelConfig = ModelConfig(path="builtin:student")
     eval: EvalConfig = EvalConfig()
     align: AlignConfig = AlignConfig()
+    imitate: ImitateConfig = ImitateConfig()
+    generate: GenerateConfig = GenerateConfig()
+    loop: LoopConfig = LoopConfig()
 
 
 # ------------------------------------------------------------------------- loading

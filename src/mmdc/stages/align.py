@@ -11,6 +11,7 @@ plain ``save_pretrained`` model with the adapter merged in.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from mmdc.config import LoraConfigSection, TrainConfig
@@ -72,7 +73,8 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, max_steps=settings.max_steps,
         learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-        lr_scheduler_type="cosine", logging_steps=settings.logging_steps, save_strategy="no",
+        lr_scheduler_type="cosine", logging_steps=min(settings.logging_steps, settings.max_steps),
+        save_strategy="no",
         report_to="none",
         seed=seed, data_seed=seed, max_length=settings.max_length,
         completion_only_loss=True, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
@@ -88,6 +90,7 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
         writer.close()
     history = trainer.state.log_history
     model.save_pretrained(out_dir)
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # nothing is saved there
     return history
 
 

@@ -1,0 +1,252 @@
+"""The distillation-calibration loop, end to end, resumable by step.
+
+    align                     stage 1: LoRA-align the student on the seed split
+    iter_k/teacher_answers    the teacher answers the instruction pool (cached JSONL)
+    iter_k/imitate            the student learns the teacher's answers (LoRA, TRL SFT)
+    iter_k/assess             teacher and student answer the probe split; the referee
+                              marks hard / easy
+    iter_k/generate           the teacher writes, verifies and filters new instances
+                              seeded from hard and easy probes; accepted ones join the pool
+    iter_k/evaluate           teacher and student on the held-out test split
+
+Every step writes its artifacts atomically into the run folder and is then recorded in
+``state.json``; a rerun into the same folder skips finished steps and reads their
+artifacts back.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import random
+from pathlib import Path
+
+from mmdc.config import Config, save_resolved
+from mmdc.data.images import load_image
+from mmdc.data.load import load_split, read_image_pool
+from mmdc.data.pool import (
+    read_jsonl,
+    read_pool,
+    write_json,
+    write_jsonl,
+    write_pool,
+    write_text_atomic,
+)
+from mmdc.data.record import Instance
+from mmdc.evaluation import evaluate, format_columns, format_skills
+from mmdc.models.load import load_model
+
+log = logging.getLogger(__name__)
+
+
+class RunState:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "state.json"
+        self.done: list[str] = []
+        if self.path.is_file():
+            self.done = json.loads(self.path.read_text())["done"]
+
+    def __contains__(self, step: str) -> bool:
+        return step in self.done
+
+    def mark(self, step: str) -> None:
+        self.done.append(step)
+        write_json(self.path, {"done": self.done, "last": step})
+        log.info("finished step %s", step)
+
+
+class Images:
+    """Images of seed, probe, test and generated records, all relative to the data root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict[str, object] = {}
+
+    def __call__(self, rel: str | None):
+        if rel is None:
+            return None
+        if rel not in self._cache:
+            self._cache[rel] = load_image(self.root, rel, f"{self.root} ({rel})")
+        return self._cache[rel]
+
+
+def _load(mcfg, adapter: str | None = None):
+    return load_model(mcfg.path, adapter=adapter, dtype=mcfg.dtype, device=mcfg.device,
+                      trust_remote_code=mcfg.trust_remote_code)
+
+
+def _train_student(cfg: Config, rows: list[dict], start_adapter: str | None, out: Path,
+                   role_dir: Path) -> list[float]:
+    from peft import PeftModel
+
+    from mmdc.stages.align import apply_lora, train_sft
+
+    loaded = _load(cfg.student)
+    model = loaded.model
+    if start_adapter:
+        model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
+    else:
+        model = apply_lora(model, cfg.align.lora)
+    history = train_sft(model, loaded.processor, rows, out, cfg.imitate.train,
+                        logging_dir=role_dir, seed=cfg.seed)
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def run(cfg: Config) -> Path:
+    from mmdc.stages.align import run_align, sft_rows
+    from mmdc.stages.assess import AnswerAgreement, summarize
+    from mmdc.stages.generate import generate_instances, select_seeds
+    from mmdc.stages.imitate import answer_pool, cached_answers, imitation_targets
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir)
+    state = RunState(run_dir)
+    seed_split = load_split(cfg.data, cfg.data.seed_split)
+    probe = load_split(cfg.data, cfg.data.probe_split)
+    test = load_split(cfg.data, cfg.data.test_split)
+    images = Images(seed_split.root)
+    pool_images = ([r["image"] for r in read_image_pool(seed_split.root, cfg.data.pool)]
+                   if cfg.data.pool else [])
+    labelled = [i for i in seed_split.instances if i.answer is not None]
+    tb = run_dir / "tensorboard"
+
+    align_adapter = run_dir / "align" / "student" / "adapter"
+    if "align" not in state:
+        acfg = cfg.model_copy(deep=True)
+        summary = run_align(acfg, "student", run_dir / "align" / "student")
+        write_json(run_dir / "align" / "student" / "metrics.json", summary)
+        state.mark("align")
+
+    adapter = str(align_adapter)
+    generated: list[Instance] = []
+    used_images: set[str] = set()
+    for k in range(1, cfg.loop.iterations + 1):
+        it = run_dir / f"iter_{k}"
+        pool = labelled + generated
+        # -- the teacher answers the instruction pool (CQM-LEA)
+        if f"iter_{k}/teacher_answers" not in state:
+            teacher = _load(cfg.teacher)
+
+            def answer_all(t=teacher, items=pool, k=k):
+                return answer_pool(t.model, t.processor, items, [images(i.image) for i in items],
+                                   max_new_tokens=cfg.imitate.max_new_tokens,
+                                   batch_size=cfg.eval.batch_size,
+                                   desc=f"iter {k}: teacher answers")
+
+            cached_answers(it / "teacher_answers.jsonl", pool, answer_all)
+            del teacher
+            gc.collect()
+            state.mark(f"iter_{k}/teacher_answers")
+        answers = read_jsonl(it / "teacher_answers.jsonl")
+        # -- imitate: the student learns them
+        student_adapter = it / "student_adapter"
+        if f"iter_{k}/imitate" not in state:
+            kept, targets, dropped = imitation_targets(pool, answers)
+            rows = sft_rows(kept, [images(i.image) for i in kept], "CQM-LEA", targets)
+            start = adapter if cfg.loop.retrain == "continue" else str(align_adapter)
+            losses = _train_student(cfg, rows, start, student_adapter, tb / f"imitate-{k}")
+            write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
+                                             "losses": losses})
+            state.mark(f"iter_{k}/imitate")
+        adapter = str(student_adapter)
+        # -- assess on the probe split
+        if f"iter_{k}/assess" not in state:
+            p_inst = [i for i in probe.instances if i.choices]
+            p_img = [probe.image(i) for i in p_inst]
+            teacher = _load(cfg.teacher)
+            t_rows = answer_pool(teacher.model, teacher.processor, p_inst, p_img, fmt="CQM-A",
+                                 max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher probes")
+            del teacher
+            gc.collect()
+            student = _load(cfg.student, adapter)
+            s_rows = answer_pool(student.model, student.processor, p_inst, p_img, fmt="CQM-A",
+                                 max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size, desc=f"iter {k}: student probes")
+            del student
+            gc.collect()
+            verdicts = AnswerAgreement().judge(p_inst, t_rows, s_rows)
+            write_jsonl(it / "teacher_probe_answers.jsonl", t_rows)
+            write_jsonl(it / "student_probe_answers.jsonl", s_rows)
+            write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])
+            write_json(it / "assessment_summary.json", summarize(p_inst, verdicts))
+            state.mark(f"iter_{k}/assess")
+        # -- generate: new instances aimed at the student's weaknesses
+        if f"iter_{k}/generate" not in state:
+            accepted, rejected, report = [], [], None
+            if cfg.loop.strategy != "none" and pool_images:
+                verdicts = {r["id"]: r["hard"] for r in read_jsonl(it / "assessment.jsonl")}
+                by_id = {i.id: i for i in probe.instances}
+                rng = random.Random(f"{cfg.seed}-generate-{k}")
+                free = [p for p in pool_images if p not in used_images]
+                if cfg.loop.strategy == "targeted":
+                    hard = [by_id[i] for i, h in verdicts.items() if h is True]
+                    easy = [by_id[i] for i, h in verdicts.items() if h is False]
+                else:  # random: the same budget seeded from random pool instances
+                    hard, easy = list(pool), []
+                seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free, rng,
+                                     cfg.generate.hard_share)
+                teacher, student = _load(cfg.teacher), _load(cfg.student, adapter)
+                g = cfg.generate
+                accepted, rejected, report = generate_instances(
+                    teacher, student, seeds, images, existing=pool + probe.instances,
+                    iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold,
+                    challenge=g.challenge, temperature=g.temperature,
+                    max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size,
+                    seed=cfg.seed + k)
+                del teacher, student
+                gc.collect()
+            write_pool(it / "generated_accepted.jsonl", accepted)
+            write_jsonl(it / "generated_rejected.jsonl", rejected)
+            write_json(it / "generation_report.json",
+                       report.to_dict() if report else {"asked": 0, "accepted": 0})
+            state.mark(f"iter_{k}/generate")
+        new = read_pool(it / "generated_accepted.jsonl")
+        generated += new
+        used_images.update(i.image for i in new if i.image)
+        # -- evaluate on the held-out test split
+        if f"iter_{k}/evaluate" not in state:
+            metrics = {}
+            for role, mcfg, ad in (("teacher", cfg.teacher, None), ("student", cfg.student, adapter)):
+                loaded = _load(mcfg, ad)
+                res = evaluate(loaded.model, loaded.processor, test, fmt=cfg.eval.prompt,
+                               batch_size=cfg.eval.batch_size,
+                               max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
+                               desc=f"iter {k}: eval {role}")
+                del loaded
+                gc.collect()
+                res.save(it, f"{role}_test")
+                metrics[role] = {"columns": res.columns, "skills": res.skills}
+            write_json(it / "metrics.json", metrics)
+            state.mark(f"iter_{k}/evaluate")
+    write_report(run_dir, cfg.loop.iterations)
+    return run_dir
+
+
+def write_report(run_dir: Path, iterations: int) -> Path:
+    """``report.md``: per-iteration ScienceQA columns and skills, generation counts."""
+    lines = [f"# MmDC run report: {run_dir}", ""]
+    cols, skills, gen = {}, {}, []
+    for k in range(1, iterations + 1):
+        it = run_dir / f"iter_{k}"
+        if not (it / "metrics.json").is_file():
+            break
+        m = json.loads((it / "metrics.json").read_text())
+        for role in ("teacher", "student"):
+            cols[f"{role} (iter {k})"] = m[role]["columns"]
+            skills[f"{role} (iter {k})"] = m[role]["skills"]
+        rep = json.loads((it / "generation_report.json").read_text())
+        gen.append(f"| {k} | {rep.get('asked', 0)} | {rep.get('accepted', 0)} | " + " | ".join(
+            str(rep.get("dropped", {}).get(r, 0)) for r in
+            ("malformed", "duplicate", "unverified", "not_challenging")) + " |")
+    lines += ["## Held-out test: ScienceQA columns", "", format_columns(cols), "",
+              "## Accuracy per skill", "", format_skills(skills), "",
+              "## Generated instances", "",
+              "| iter | asked | accepted | malformed | duplicate | unverified | not challenging |",
+              "|---:|---:|---:|---:|---:|---:|---:|", *gen, ""]
+    text = "\n".join(lines)
+    write_json(run_dir / "report.json", {"columns": cols, "skills": skills})
+    write_text_atomic(run_dir / "report.md", text)
+    return run_dir / "report.md"

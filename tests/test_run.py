@@ -1,0 +1,79 @@
+"""End to end: `mmdc run` on the toy models and a tiny synthetic task."""
+
+import json
+import math
+
+import pytest
+
+from mmdc.cli import main
+
+from .conftest import small_data_overrides
+
+TINY = ["loop.iterations=1", "align.train.max_steps=3", "align.train.batch_size=8",
+        "imitate.train.max_steps=3", "imitate.train.batch_size=8", "generate.per_iteration=4",
+        "generate.k=2", "imitate.max_new_tokens=40", "generate.max_new_tokens=80"]
+
+ITER_FILES = {
+    "assessment.jsonl", "assessment_summary.json", "generated_accepted.jsonl",
+    "generated_rejected.jsonl", "generation_report.json", "imitate.json", "metrics.json",
+    "student_probe_answers.jsonl", "teacher_probe_answers.jsonl", "teacher_answers.jsonl",
+    "student_test_metrics.json", "student_test_result.json", "student_test_samples.jsonl",
+    "teacher_test_metrics.json", "teacher_test_result.json", "teacher_test_samples.jsonl",
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    args = ["run", f"run_dir={base / 'run'}", *small_data_overrides(base / "data"), *TINY]
+    assert main(args) == 0
+    return base / "run", args
+
+
+def test_run_folder_has_exactly_the_artifacts(finished_run):
+    run_dir, _ = finished_run
+    top = {p.name for p in run_dir.iterdir()}
+    assert top == {"config.yaml", "state.json", "align", "iter_1", "tensorboard", "report.md",
+                   "report.json"}
+    it = run_dir / "iter_1"
+    assert {p.name for p in it.iterdir() if p.is_file()} == ITER_FILES
+    assert {p.name for p in (it / "student_adapter").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert {p.name for p in (run_dir / "align" / "student" / "adapter").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "README.md"}
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["done"] == ["align", "iter_1/teacher_answers", "iter_1/imitate",
+                             "iter_1/assess", "iter_1/generate", "iter_1/evaluate"]
+    losses = json.loads((it / "imitate.json").read_text())["losses"]
+    assert losses and all(math.isfinite(x) for x in losses)
+    report = (run_dir / "report.md").read_text()
+    assert "| student (iter 1) |" in report and "| teacher (iter 1) |" in report
+    gen = json.loads((it / "generation_report.json").read_text())
+    assert gen["asked"] == gen["accepted"] + sum(gen["dropped"].values())
+
+
+def test_rerun_redoes_nothing_and_resume_matches(finished_run, capsys):
+    run_dir, args = finished_run
+    it = run_dir / "iter_1"
+    before = {p.name: p.stat().st_mtime_ns for p in it.iterdir() if p.is_file()}
+    metrics = json.loads((it / "metrics.json").read_text())
+    assert main(args) == 0  # everything finished: nothing is recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in it.iterdir() if p.is_file()} == before
+    # forget the last two steps (as after a crash during generation) and resume
+    state = json.loads((run_dir / "state.json").read_text())
+    state["done"] = state["done"][:-2]
+    (run_dir / "state.json").write_text(json.dumps(state))
+    assert main(args) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in it.iterdir() if p.is_file()}
+    assert after["teacher_answers.jsonl"] == before["teacher_answers.jsonl"]
+    assert after["assessment.jsonl"] == before["assessment.jsonl"]
+    assert after["metrics.json"] != before["metrics.json"]
+    assert json.loads((it / "metrics.json").read_text()) == metrics
+
+
+def test_report_command_rebuilds_the_report(finished_run, capsys):
+    run_dir, _ = finished_run
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert "ScienceQA columns" in capsys.readouterr().out
+    assert (run_dir / "report.md").is_file()
