@@ -36,7 +36,7 @@ def run_error(capsys, argv) -> str:
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "synth"], ["data", "export"], ["eval"],
                                  ["models"], ["models", "build-toy"], ["models", "info"],
-                                 ["demo"]])
+                                 ["demo"], ["run"], ["report"], ["align"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

@@ -6,7 +6,9 @@
     mmdc align [CONFIG] [k=v ...]        stage 1: LoRA alignment (PEFT adapter folders)
     mmdc models build-toy                build the toy teacher and student checkpoints
     mmdc models info [PATH ...]          parameters and vocabulary sharing
-    mmdc demo                            the built-in default, end to end
+    mmdc run [CONFIG] [k=v ...]          the whole pipeline; rerun into the same folder resumes
+    mmdc report RUN_DIR                  rebuild a run's report.md from its files
+    mmdc demo                            the built-in default, end to end (= mmdc run)
 
 A problem with the user's input is one line on stderr and exit code 2.
 """
@@ -204,16 +206,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The built-in default end to end: the synthetic task, the toy teacher and student,
+    alignment and the calibration loop, evaluated and reported per iteration."""
     from mmdc.models.load import vocab_report
 
     cfg = _load_cfg(args)
     rep = vocab_report(cfg.teacher.path, cfg.student.path)
     print(f"teacher and student share a vocabulary: {'yes' if rep['shared_vocabulary'] else 'no'}"
           f" ({rep['teacher_vocab_size']} / {rep['student_vocab_size']} tokens)")
-    args.model = ["teacher", "student"]
-    args.split = None
-    args.out = None
-    return cmd_eval(args)
+    return cmd_run(args)
 
 
 # ------------------------------------------------------------------------- parser
