@@ -34,7 +34,7 @@ def test_run_folder_has_exactly_the_artifacts(finished_run):
     run_dir, _ = finished_run
     top = {p.name for p in run_dir.iterdir()}
     assert top == {"config.yaml", "state.json", "align", "iter_1", "tensorboard", "report.md",
-                   "report.json"}
+                   "report.json", "accuracy.png", "generated.png"}
     it = run_dir / "iter_1"
     assert {p.name for p in it.iterdir() if p.is_file()} == ITER_FILES
     assert {p.name for p in (it / "student_adapter").iterdir()} == {
@@ -77,3 +77,41 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert "ScienceQA columns" in capsys.readouterr().out
     assert (run_dir / "report.md").is_file()
+
+
+def test_sigkill_during_iteration_2_then_resume(tmp_path):
+    """Kill -9 the run in iteration 2, resume: finished steps are not redone and the final
+    metrics equal an uninterrupted run with the same seed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = small_data_overrides(tmp_path / "data")
+    two = [a if a != "loop.iterations=1" else "loop.iterations=2" for a in TINY]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    exe = str(Path(sys.executable).with_name("mmdc"))
+    assert main(["run", f"run_dir={clean}", *data, *two]) == 0
+    proc = subprocess.Popen([exe, "run", f"run_dir={killed}", *data, *two],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and "iter_2/teacher_answers" in state.read_text():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = json.loads(state.read_text())["done"]
+    assert "iter_2/evaluate" not in done_before
+    first = (killed / "iter_1" / "teacher_answers.jsonl").stat().st_mtime_ns
+    assert main(["run", f"run_dir={killed}", *data, *two]) == 0
+    assert (killed / "iter_1" / "teacher_answers.jsonl").stat().st_mtime_ns == first
+    done_after = json.loads(state.read_text())["done"]
+    assert done_after[: len(done_before)] == done_before and len(done_after) == 11
+    for k in (1, 2):
+        assert json.loads((killed / f"iter_{k}" / "metrics.json").read_text()) == \
+            json.loads((clean / f"iter_{k}" / "metrics.json").read_text())

@@ -246,7 +246,67 @@ def write_report(run_dir: Path, iterations: int) -> Path:
               "## Generated instances", "",
               "| iter | asked | accepted | malformed | duplicate | unverified | not challenging |",
               "|---:|---:|---:|---:|---:|---:|---:|", *gen, ""]
+    plots = write_plots(run_dir, iterations)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     text = "\n".join(lines)
     write_json(run_dir / "report.json", {"columns": cols, "skills": skills})
     write_text_atomic(run_dir / "report.md", text)
     return run_dir / "report.md"
+
+
+def write_plots(run_dir: Path, iterations: int) -> list[Path]:
+    """accuracy.png (overall and per skill, per iteration) and generated.png (accepted
+    and dropped instances per skill, summed over iterations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its, metrics, per_skill_gen = [], [], {}
+    for k in range(1, iterations + 1):
+        it = run_dir / f"iter_{k}"
+        if not (it / "metrics.json").is_file():
+            break
+        its.append(k)
+        metrics.append(json.loads((it / "metrics.json").read_text()))
+        rep = json.loads((it / "generation_report.json").read_text())
+        for skill, outcomes in rep.get("per_skill", {}).items():
+            acc = per_skill_gen.setdefault(skill, {"accepted": 0, "dropped": 0})
+            for outcome, n in outcomes.items():
+                acc["accepted" if outcome == "accepted" else "dropped"] += n
+    if not its:
+        return []
+    out = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for role, style in (("teacher", "--"), ("student", "-")):
+        axes[0].plot(its, [m[role]["columns"]["Avg"]["acc"] for m in metrics], style,
+                     marker="o", label=role)
+    axes[0].set(title="held-out test accuracy", xlabel="iteration", ylabel="accuracy (%)")
+    axes[0].legend()
+    for skill in metrics[0]["student"]["skills"]:
+        axes[1].plot(its, [m["student"]["skills"].get(skill, {}).get("acc") for m in metrics],
+                     marker="o", label=skill)
+    axes[1].set(title="student accuracy per skill", xlabel="iteration")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xticks(its)
+    fig.tight_layout()
+    out.append(run_dir / "accuracy.png")
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+    if per_skill_gen:
+        skills = sorted(per_skill_gen)
+        fig, ax = plt.subplots(figsize=(max(5, len(skills)), 4))
+        acc = [per_skill_gen[s]["accepted"] for s in skills]
+        drop = [per_skill_gen[s]["dropped"] for s in skills]
+        ax.bar(skills, acc, label="accepted")
+        ax.bar(skills, drop, bottom=acc, label="dropped")
+        ax.set(title="generated instances per skill", ylabel="instances")
+        ax.legend()
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+        fig.tight_layout()
+        out.append(run_dir / "generated.png")
+        fig.savefig(out[-1], dpi=100)
+        plt.close(fig)
+    return out
