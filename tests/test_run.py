@@ -115,3 +115,18 @@ def test_sigkill_during_iteration_2_then_resume(tmp_path):
     for k in (1, 2):
         assert json.loads((killed / f"iter_{k}" / "metrics.json").read_text()) == \
             json.loads((clean / f"iter_{k}" / "metrics.json").read_text())
+
+
+def test_self_improving_teacher_is_updated_and_used(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
+            "loop.self_improve=true", "loop.teacher_train.max_steps=2",
+            "loop.teacher_train.batch_size=4", "generate.challenge=false", "generate.tau=0.0",
+            "generate.per_iteration=6"]
+    assert main(args) == 0
+    it = run_dir / "iter_1"
+    assert json.loads((it / "generation_report.json").read_text())["accepted"] > 0
+    assert (it / "teacher_adapter" / "adapter_model.safetensors").is_file()
+    update = json.loads((it / "teacher_update.json").read_text())
+    assert update["trained_on"] > 0 and all(math.isfinite(x) for x in update["losses"])
+    assert "iter_1/teacher_update" in json.loads((run_dir / "state.json").read_text())["done"]

@@ -76,19 +76,20 @@ def _load(mcfg, adapter: str | None = None):
                       trust_remote_code=mcfg.trust_remote_code)
 
 
-def _train_student(cfg: Config, rows: list[dict], start_adapter: str | None, out: Path,
-                   role_dir: Path) -> list[float]:
+def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, out: Path,
+                role_dir: Path, train_cfg) -> list[float]:
+    """LoRA-train a role (continuing ``start_adapter`` when given) and save the adapter."""
     from peft import PeftModel
 
     from mmdc.stages.align import apply_lora, train_sft
 
-    loaded = _load(cfg.student)
+    loaded = _load(mcfg)
     model = loaded.model
     if start_adapter:
         model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
     else:
         model = apply_lora(model, cfg.align.lora)
-    history = train_sft(model, loaded.processor, rows, out, cfg.imitate.train,
+    history = train_sft(model, loaded.processor, rows, out, train_cfg,
                         logging_dir=role_dir, seed=cfg.seed)
     return [h["loss"] for h in history if "loss" in h]
 
@@ -120,6 +121,7 @@ def run(cfg: Config) -> Path:
         state.mark("align")
 
     adapter = str(align_adapter)
+    teacher_adapter: str | None = None
     generated: list[Instance] = []
     used_images: set[str] = set()
     for k in range(1, cfg.loop.iterations + 1):
@@ -127,7 +129,7 @@ def run(cfg: Config) -> Path:
         pool = labelled + generated
         # -- the teacher answers the instruction pool (CQM-LEA)
         if f"iter_{k}/teacher_answers" not in state:
-            teacher = _load(cfg.teacher)
+            teacher = _load(cfg.teacher, teacher_adapter)
 
             def answer_all(t=teacher, items=pool, k=k):
                 return answer_pool(t.model, t.processor, items, [images(i.image) for i in items],
@@ -146,7 +148,8 @@ def run(cfg: Config) -> Path:
             kept, targets, dropped = imitation_targets(pool, answers)
             rows = sft_rows(kept, [images(i.image) for i in kept], "CQM-LEA", targets)
             start = adapter if cfg.loop.retrain == "continue" else str(align_adapter)
-            losses = _train_student(cfg, rows, start, student_adapter, tb / f"imitate-{k}")
+            losses = _train_role(cfg, cfg.student, rows, start, student_adapter,
+                                 tb / f"imitate-{k}", cfg.imitate.train)
             write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
                                              "losses": losses})
             state.mark(f"iter_{k}/imitate")
@@ -155,7 +158,7 @@ def run(cfg: Config) -> Path:
         if f"iter_{k}/assess" not in state:
             p_inst = [i for i in probe.instances if i.choices]
             p_img = [probe.image(i) for i in p_inst]
-            teacher = _load(cfg.teacher)
+            teacher = _load(cfg.teacher, teacher_adapter)
             t_rows = answer_pool(teacher.model, teacher.processor, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher probes")
@@ -188,7 +191,7 @@ def run(cfg: Config) -> Path:
                     hard, easy = list(pool), []
                 seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free, rng,
                                      cfg.generate.hard_share)
-                teacher, student = _load(cfg.teacher), _load(cfg.student, adapter)
+                teacher, student = _load(cfg.teacher, teacher_adapter), _load(cfg.student, adapter)
                 g = cfg.generate
                 accepted, rejected, report = generate_instances(
                     teacher, student, seeds, images, existing=pool + probe.instances,
@@ -206,10 +209,21 @@ def run(cfg: Config) -> Path:
         new = read_pool(it / "generated_accepted.jsonl")
         generated += new
         used_images.update(i.image for i in new if i.image)
+        # -- the self-improving teacher learns its own verified instances
+        if cfg.loop.self_improve and new:
+            if f"iter_{k}/teacher_update" not in state:
+                rows = sft_rows(new, [images(i.image) for i in new], "CQM-LEA")
+                losses = _train_role(cfg, cfg.teacher, rows, teacher_adapter,
+                                     it / "teacher_adapter", tb / f"teacher-{k}",
+                                     cfg.loop.teacher_train)
+                write_json(it / "teacher_update.json", {"trained_on": len(rows), "losses": losses})
+                state.mark(f"iter_{k}/teacher_update")
+            teacher_adapter = str(it / "teacher_adapter")
         # -- evaluate on the held-out test split
         if f"iter_{k}/evaluate" not in state:
             metrics = {}
-            for role, mcfg, ad in (("teacher", cfg.teacher, None), ("student", cfg.student, adapter)):
+            for role, mcfg, ad in (("teacher", cfg.teacher, teacher_adapter),
+                                   ("student", cfg.student, adapter)):
                 loaded = _load(mcfg, ad)
                 res = evaluate(loaded.model, loaded.processor, test, fmt=cfg.eval.prompt,
                                batch_size=cfg.eval.batch_size,

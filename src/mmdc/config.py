@@ -108,6 +108,10 @@ class LoopConfig(_Section):
     iterations: int = Field(3, ge=0)
     strategy: Literal["targeted", "random", "none"] = "targeted"
     retrain: Literal["continue", "reset"] = "continue"
+    # the self-improving teacher: LoRA-update the teacher on its own verified instances
+    # before the next iteration
+    self_improve: bool = False
+    teacher_train: TrainConfig = TrainConfig(max_steps=50)
 
 
 class Config(_Section):
