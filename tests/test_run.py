@@ -130,3 +130,22 @@ def test_self_improving_teacher_is_updated_and_used(tmp_path):
     update = json.loads((it / "teacher_update.json").read_text())
     assert update["trained_on"] > 0 and all(math.isfinite(x) for x in update["losses"])
     assert "iter_1/teacher_update" in json.loads((run_dir / "state.json").read_text())["done"]
+
+
+def test_token_level_kd_trains(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
+            "imitate.kd=jsd", "imitate.kd_beta=0.3", "imitate.kd_temperature=2.0"]
+    assert main(args) == 0
+    losses = json.loads((run_dir / "iter_1" / "imitate.json").read_text())["losses"]
+    assert losses and all(math.isfinite(x) and x > 0 for x in losses)
+
+
+def test_kd_with_vocabulary_mismatch_fails_at_start_up(tmp_path, plain_llava, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", f"run_dir={run_dir}", f"student.path={plain_llava}", "imitate.kd=forward_kl",
+                 *small_data_overrides(tmp_path / "data"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("mmdc: error: imitate.kd needs teacher and student to "
+                                        "share a vocabulary") and len(err.splitlines()) == 1
+    assert not run_dir.exists()  # nothing started

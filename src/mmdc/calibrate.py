@@ -77,7 +77,7 @@ def _load(mcfg, adapter: str | None = None):
 
 
 def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, out: Path,
-                role_dir: Path, train_cfg) -> list[float]:
+                role_dir: Path, train_cfg, **trainer_kwargs) -> list[float]:
     """LoRA-train a role (continuing ``start_adapter`` when given) and save the adapter."""
     from peft import PeftModel
 
@@ -90,7 +90,7 @@ def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, 
     else:
         model = apply_lora(model, cfg.align.lora)
     history = train_sft(model, loaded.processor, rows, out, train_cfg,
-                        logging_dir=role_dir, seed=cfg.seed)
+                        logging_dir=role_dir, seed=cfg.seed, **trainer_kwargs)
     return [h["loss"] for h in history if "loss" in h]
 
 
@@ -98,8 +98,17 @@ def run(cfg: Config) -> Path:
     from mmdc.stages.align import run_align, sft_rows
     from mmdc.stages.assess import AnswerAgreement, summarize
     from mmdc.stages.generate import generate_instances, select_seeds
-    from mmdc.stages.imitate import answer_pool, cached_answers, imitation_targets
+    from mmdc.stages.imitate import (
+        answer_pool,
+        cached_answers,
+        check_kd_compatible,
+        imitation_targets,
+        kd_beta,
+        kd_trainer_class,
+    )
 
+    if cfg.imitate.kd != "none":  # fail at start-up, not after hours of work
+        check_kd_compatible(cfg.teacher.path, cfg.student.path)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
@@ -148,8 +157,17 @@ def run(cfg: Config) -> Path:
             kept, targets, dropped = imitation_targets(pool, answers)
             rows = sft_rows(kept, [images(i.image) for i in kept], "CQM-LEA", targets)
             start = adapter if cfg.loop.retrain == "continue" else str(align_adapter)
+            kd = {}
+            if cfg.imitate.kd != "none":
+                im = cfg.imitate
+                kd = dict(trainer_class=kd_trainer_class(),
+                          teacher_model=_load(cfg.teacher, teacher_adapter).model,
+                          beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
+                          weight=im.kd_weight)
             losses = _train_role(cfg, cfg.student, rows, start, student_adapter,
-                                 tb / f"imitate-{k}", cfg.imitate.train)
+                                 tb / f"imitate-{k}", cfg.imitate.train, **kd)
+            del kd
+            gc.collect()
             write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
                                              "losses": losses})
             state.mark(f"iter_{k}/imitate")

@@ -91,6 +91,12 @@ class ImitateConfig(_Section):
 
     max_new_tokens: int = Field(64, ge=1)  # teacher answer length
     train: TrainConfig = TrainConfig(max_steps=100)
+    # optional token-level distillation on top of the sequence-level loss (needs a shared
+    # vocabulary): generalised JSD, beta 0 = forward KL, 1 = reverse KL
+    kd: Literal["none", "forward_kl", "reverse_kl", "jsd"] = "none"
+    kd_beta: float = Field(0.5, ge=0.0, le=1.0)  # used by kd=jsd
+    kd_temperature: float = Field(1.0, gt=0.0)
+    kd_weight: float = Field(0.5, ge=0.0, le=1.0)  # loss = (1-w) CE + w KD
 
 
 class GenerateConfig(_Section):

@@ -59,7 +59,8 @@ def apply_lora(model, settings: LoraConfigSection):
 
 
 def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
-              logging_dir: str | Path | None = None, seed: int = 0):
+              logging_dir: str | Path | None = None, seed: int = 0, trainer_class=None,
+              **trainer_kwargs):
     """Train ``model`` (already a PEFT model) on ``rows`` with TRL's SFTTrainer and save
     the adapter to ``out_dir``. Returns the trainer's log history."""
     import torch
@@ -82,8 +83,9 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
     )
     writer = SummaryWriter(log_dir=str(logging_dir or out_dir / "tensorboard"))
     tensorboard = TensorBoardCallback(tb_writer=writer)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=processor, callbacks=[tensorboard])
+    trainer = (trainer_class or SFTTrainer)(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
+        callbacks=[tensorboard], **trainer_kwargs)
     try:
         trainer.train()
     finally:

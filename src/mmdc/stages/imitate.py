@@ -62,3 +62,60 @@ def imitation_targets(instances: list[Instance], answers: list[dict]
         kept.append(inst)
         targets.append(ans["output"])
     return kept, targets, dropped
+
+
+def kd_beta(kind: str, beta: float) -> float:
+    return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta)
+
+
+def check_kd_compatible(teacher_path: str, student_path: str) -> None:
+    """Token-level KD compares the two models' next-token distributions position by
+    position: they must share a vocabulary. Raises ConfigError otherwise."""
+    from mmdc.errors import ConfigError
+    from mmdc.models.load import vocab_report
+
+    rep = vocab_report(teacher_path, student_path)
+    if not rep["shared_vocabulary"]:
+        raise ConfigError(
+            f"imitate.kd needs teacher and student to share a vocabulary, but the teacher "
+            f"({teacher_path}) has {rep['teacher_vocab_size']} tokens and the student "
+            f"({student_path}) {rep['student_vocab_size']} with different ids; set imitate.kd=none "
+            f"(sequence-level distillation only)")
+
+
+def kd_trainer_class():
+    """An SFTTrainer whose loss is (1-w) CE + w token-level generalised JSD against a frozen
+    teacher, both summed over target tokens and divided by the number of target tokens in
+    the gradient-accumulation window."""
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    from mmdc.losses import generalized_jsd
+
+    class KDTrainer(SFTTrainer):
+        def __init__(self, *args, teacher_model=None, beta=0.5, temperature=1.0, weight=0.5,
+                     **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher_model = teacher_model.eval()
+            self.kd_beta, self.kd_temperature, self.kd_weight = beta, temperature, weight
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"]
+            fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask",
+                                                            "pixel_values")}
+            outputs = model(**fwd, use_cache=False)
+            with torch.no_grad():
+                t_logits = self.teacher_model(**fwd, use_cache=False).logits
+            s_logits = outputs.logits[:, :-1]
+            target = labels[:, 1:]
+            mask = target != -100
+            n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            ce = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]).float(),
+                                 target.reshape(-1), ignore_index=-100, reduction="sum")
+            kd = generalized_jsd(s_logits, t_logits[:, :-1], mask, beta=self.kd_beta,
+                                 temperature=self.kd_temperature)
+            loss = ((1 - self.kd_weight) * ce + self.kd_weight * kd) / n
+            return (loss, outputs) if return_outputs else loss
+
+    return KDTrainer
