@@ -71,6 +71,16 @@ def test_rerun_redoes_nothing_and_resume_matches(finished_run, capsys):
     assert json.loads((it / "metrics.json").read_text()) == metrics
 
 
+def test_export_merged_student_loads_as_plain_hf(finished_run, tmp_path):
+    from mmdc.models.load import load_model
+
+    run_dir, _ = finished_run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "student")]) == 0
+    loaded = load_model(str(tmp_path / "student"), device="cpu")
+    assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
 def test_report_command_rebuilds_the_report(finished_run, capsys):
     run_dir, _ = finished_run
     (run_dir / "report.md").unlink()
@@ -121,11 +131,13 @@ def test_self_improving_teacher_is_updated_and_used(tmp_path):
     run_dir = tmp_path / "run"
     args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
             "loop.self_improve=true", "loop.teacher_train.max_steps=2",
+            "align.roles=[student, teacher]",
             "loop.teacher_train.batch_size=4", "generate.challenge=false", "generate.tau=0.0",
             "generate.per_iteration=6"]
     assert main(args) == 0
     it = run_dir / "iter_1"
     assert json.loads((it / "generation_report.json").read_text())["accepted"] > 0
+    assert (run_dir / "align" / "teacher" / "adapter" / "adapter_config.json").is_file()
     assert (it / "teacher_adapter" / "adapter_model.safetensors").is_file()
     update = json.loads((it / "teacher_update.json").read_text())
     assert update["trained_on"] > 0 and all(math.isfinite(x) for x in update["losses"])

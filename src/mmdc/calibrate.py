@@ -123,14 +123,15 @@ def run(cfg: Config) -> Path:
     tb = run_dir / "tensorboard"
 
     align_adapter = run_dir / "align" / "student" / "adapter"
-    if "align" not in state:
-        acfg = cfg.model_copy(deep=True)
-        summary = run_align(acfg, "student", run_dir / "align" / "student")
-        write_json(run_dir / "align" / "student" / "metrics.json", summary)
-        state.mark("align")
-
-    adapter = str(align_adapter)
-    teacher_adapter: str | None = None
+    for role in ("student", "teacher"):  # stage 1 for the roles the config names
+        if role in cfg.align.roles and f"align/{role}" not in state and not (
+                role == "student" and "align" in state):
+            summary = run_align(cfg, role, run_dir / "align" / role)
+            write_json(run_dir / "align" / role / "metrics.json", summary)
+            state.mark("align" if role == "student" else f"align/{role}")
+    adapter = str(align_adapter) if "student" in cfg.align.roles else None
+    teacher_adapter = (str(run_dir / "align" / "teacher" / "adapter")
+                       if "teacher" in cfg.align.roles else None)
     generated: list[Instance] = []
     used_images: set[str] = set()
     for k in range(1, cfg.loop.iterations + 1):
@@ -156,7 +157,8 @@ def run(cfg: Config) -> Path:
         if f"iter_{k}/imitate" not in state:
             kept, targets, dropped = imitation_targets(pool, answers)
             rows = sft_rows(kept, [images(i.image) for i in kept], "CQM-LEA", targets)
-            start = adapter if cfg.loop.retrain == "continue" else str(align_adapter)
+            start = adapter if cfg.loop.retrain == "continue" else (
+                str(align_adapter) if "student" in cfg.align.roles else None)
             kd = {}
             if cfg.imitate.kd != "none":
                 im = cfg.imitate
@@ -342,3 +344,25 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
         fig.savefig(out[-1], dpi=100)
         plt.close(fig)
     return out
+
+
+def final_student_adapter(run_dir: Path) -> Path:
+    """The student adapter of the last finished imitate step (or the aligned one)."""
+    state = RunState(run_dir)
+    for step in reversed(state.done):
+        if step.endswith("/imitate"):
+            return run_dir / step.split("/")[0] / "student_adapter"
+    if "align" in state:
+        return run_dir / "align" / "student" / "adapter"
+    raise FileNotFoundError(f"{run_dir}: no student adapter yet (no finished align or imitate)")
+
+
+def export_student(run_dir: Path, out: Path) -> Path:
+    """Merge the run's final student adapter into the base and save a plain checkpoint."""
+    from mmdc.config import load_config
+    from mmdc.stages.align import export_merged
+
+    cfg = load_config(run_dir / "config.yaml")
+    adapter = final_student_adapter(run_dir)
+    loaded = _load(cfg.student, str(adapter))
+    return export_merged(loaded.model, loaded.processor, out)

@@ -8,6 +8,7 @@
     mmdc models info [PATH ...]          parameters and vocabulary sharing
     mmdc run [CONFIG] [k=v ...]          the whole pipeline; rerun into the same folder resumes
     mmdc report RUN_DIR                  rebuild a run's report.md from its files
+    mmdc export RUN_DIR --out DIR        the final student, merged, as a plain HF checkpoint
     mmdc demo                            the built-in default, end to end (= mmdc run)
 
 A problem with the user's input is one line on stderr and exit code 2.
@@ -205,6 +206,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mmdc.calibrate import export_student
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
+    try:
+        out = export_student(run_dir, Path(args.out))
+    except FileNotFoundError as exc:
+        raise MmdcError(str(exc)) from None
+    print(f"exported the merged student to {out} (loads with AutoModelForImageTextToText)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The built-in default end to end: the synthetic task, the toy teacher and student,
     alignment and the calibration loop, evaluated and reported per iteration."""
@@ -268,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md of a run folder from its files")
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="merge a run's final student adapter into the base "
+                            "model and save a plain save_pretrained checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
