@@ -107,6 +107,33 @@ def _model_cfg(cfg, which: str):
     return name, ModelConfig(path=which)
 
 
+def cmd_eval_open_ended(args, cfg) -> int:
+    from mmdc.data.pool import write_json, write_jsonl
+    from mmdc.models.load import load_model
+    from mmdc.openended import evaluate_open_ended, format_relative, read_bench
+    from mmdc.stages.assess import JudgeReferee
+
+    if not args.references:
+        raise MmdcError("--questions needs --references (the reference answers JSONL)")
+    rows = read_bench(args.questions, args.references)
+    _, jcfg = _model_cfg(cfg, args.judge)
+    judge = load_model(jcfg.path, adapter=jcfg.adapter, dtype=jcfg.dtype, device=jcfg.device,
+                       trust_remote_code=jcfg.trust_remote_code)
+    referee = JudgeReferee(judge, max_new_tokens=cfg.eval.max_new_tokens)
+    out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
+    image_root = Path(args.images or Path(args.questions).parent)
+    for which in args.model:
+        name, mcfg = _model_cfg(cfg, which)
+        cand = load_model(mcfg.path, adapter=mcfg.adapter, dtype=mcfg.dtype, device=mcfg.device,
+                          trust_remote_code=mcfg.trust_remote_code)
+        scores, samples = evaluate_open_ended(cand, referee, rows, image_root)
+        write_json(out_dir / f"{name}_openended.json", scores)
+        write_jsonl(out_dir / f"{name}_openended_samples.jsonl", samples)
+        print(f"{name}: relative score (judge: {args.judge})\n\n{format_relative(scores)}\n")
+    print(f"results in {out_dir}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from mmdc.config import save_resolved
     from mmdc.data.load import load_split
@@ -114,6 +141,8 @@ def cmd_eval(args) -> int:
     from mmdc.models.load import load_model
 
     cfg = _load_cfg(args)
+    if args.questions:
+        return cmd_eval_open_ended(args, cfg)
     split_name = args.split or cfg.data.test_split
     split = load_split(cfg.data, split_name)
     split.load_images()
@@ -268,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher, student or a model folder (repeatable; default: both)")
     ev.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     ev.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    ev.add_argument("--questions", default=None, help="open-ended questions JSONL "
+                    "(LLaVA-Bench layout); scored by the judge instead of multiple choice")
+    ev.add_argument("--references", default=None, help="reference answers JSONL")
+    ev.add_argument("--images", default=None, help="image folder (default: the questions' folder)")
+    ev.add_argument("--judge", default="teacher", help="judge model: teacher, student or a folder")
     ev.set_defaults(func=cmd_eval)
 
     align = sub.add_parser("align", help="stage 1: LoRA alignment of the configured roles "

@@ -15,6 +15,7 @@ generated instances have none.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -104,3 +105,91 @@ def summarize(instances: list[Instance], verdicts: list[Verdict]) -> dict:
         per_skill.setdefault(inst.skill or "(none)", Counter())[key] += 1
     total = sum(per_skill.values(), Counter())
     return {"total": dict(total), "per_skill": {k: dict(v) for k, v in sorted(per_skill.items())}}
+
+
+# ------------------------------------------------------------------ judge referee
+
+JUDGE_TEMPLATE = (
+    "[Question]\n{question}\n\n[Assistant 1]\n{first}\n\n[Assistant 2]\n{second}\n\n"
+    "Rate the helpfulness, relevance, accuracy and level of detail of the two answers. "
+    "Output a line with two scores from 1 to 10, for Assistant 1 and 2, separated by a space, "
+    "then explain."
+)
+_SCORES = re.compile(r"^\s*(10|[1-9](?:\.\d+)?)\s*[ ,]\s*(10|[1-9](?:\.\d+)?)\b")
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """The two 1-10 scores on the judge's first line (LLaVA-Bench / Lion layout)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    m = _SCORES.match(first)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+class JudgeReferee:
+    """A judge model scores two answers 1-10 in both orders; the two are averaged.
+
+    Unparsable judgements are retried (sampling) ``retries`` times, then the pair is
+    dropped and counted."""
+
+    name = "judge"
+
+    def __init__(self, judge, threshold: float = 1.0, retries: int = 2,
+                 max_new_tokens: int = 64, batch_size: int = 16):
+        self.judge_model = judge
+        self.threshold = threshold
+        self.retries = retries
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.unparsable = 0
+
+    def _ask(self, prompts: list[str], images: list) -> list[tuple[float, float] | None]:
+        from mmdc.generation import Request, generate
+
+        result: list[tuple[float, float] | None] = [None] * len(prompts)
+        todo = list(range(len(prompts)))
+        for attempt in range(self.retries + 1):
+            if not todo:
+                break
+            outs = generate(self.judge_model.model, self.judge_model.processor,
+                            [Request(prompts[i], images[i]) for i in todo],
+                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                            do_sample=attempt > 0, temperature=0.7, seed=attempt,
+                            desc="judge", progress=False)
+            for i, out in zip(todo, outs):
+                result[i] = parse_scores(out)
+            todo = [i for i in todo if result[i] is None]
+        self.unparsable += len(todo)
+        return result
+
+    def score_pairs(self, questions: list[str], images: list, first: list[str],
+                    second: list[str]) -> list[tuple[float, float] | None]:
+        """Mean scores of (first, second) over both presentation orders, or None."""
+        n = len(questions)
+        prompts = [JUDGE_TEMPLATE.format(question=q, first=a, second=b)
+                   for q, a, b in zip(questions, first, second)]
+        prompts += [JUDGE_TEMPLATE.format(question=q, first=b, second=a)
+                    for q, a, b in zip(questions, first, second)]
+        scores = self._ask(prompts, list(images) + list(images))
+        out = []
+        for i in range(n):
+            ab, ba = scores[i], scores[n + i]
+            if ab is None or ba is None:
+                out.append(None)
+            else:
+                out.append(((ab[0] + ba[1]) / 2, (ab[1] + ba[0]) / 2))
+        return out
+
+    def judge(self, instances: list[Instance], teacher: list[dict], student: list[dict], *,
+              images=None, **_) -> list[Verdict]:
+        images = images or [None] * len(instances)
+        pairs = self.score_pairs([i.question for i in instances], images,
+                                 [t["output"] for t in teacher], [s["output"] for s in student])
+        out = []
+        for inst, pair in zip(instances, pairs):
+            if pair is None:
+                out.append(Verdict(inst.id, None, "judge unparsable"))
+            else:
+                gap = pair[0] - pair[1]
+                out.append(Verdict(inst.id, gap >= self.threshold, f"teacher {pair[0]:.1f} "
+                                   f"student {pair[1]:.1f}", pair[1]))
+        return out
