@@ -161,3 +161,17 @@ def test_kd_with_vocabulary_mismatch_fails_at_start_up(tmp_path, plain_llava, ca
     assert code == 2 and err.startswith("mmdc: error: imitate.kd needs teacher and student to "
                                         "share a vocabulary") and len(err.splitlines()) == 1
     assert not run_dir.exists()  # nothing started
+
+
+@pytest.mark.parametrize("referee", ["likelihood", "judge"])
+def test_other_referees_run_in_the_loop(tmp_path, referee):
+    run_dir = tmp_path / "run"
+    args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
+            f"assess.referee={referee}", "assess.judge_retries=0", "eval.max_new_tokens=8"]
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (run_dir / "iter_1" / "assessment.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    if referee == "judge":  # the toy teacher is no judge: unparsable, dropped and counted
+        assert all(r["hard"] is None and r["reason"] == "judge unparsable" for r in rows)
+    else:
+        assert all(r["hard"] is not None or r["reason"] for r in rows)

@@ -94,9 +94,25 @@ def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, 
     return [h["loss"] for h in history if "loss" in h]
 
 
+def _referee(cfg: Config, teacher_adapter: str | None):
+    from mmdc.config import ModelConfig
+    from mmdc.stages.assess import AnswerAgreement, JudgeReferee, LikelihoodHardness
+
+    a = cfg.assess
+    if a.referee == "likelihood":
+        return LikelihoodHardness(a.likelihood_threshold)
+    if a.referee == "judge":
+        if a.judge in ("teacher", "student"):
+            judge = _load(getattr(cfg, a.judge), teacher_adapter if a.judge == "teacher" else None)
+        else:
+            judge = _load(ModelConfig(path=a.judge))
+        return JudgeReferee(judge, a.judge_threshold, a.judge_retries)
+    return AnswerAgreement()
+
+
 def run(cfg: Config) -> Path:
     from mmdc.stages.align import run_align, sft_rows
-    from mmdc.stages.assess import AnswerAgreement, summarize
+    from mmdc.stages.assess import summarize
     from mmdc.stages.generate import generate_instances, select_seeds
     from mmdc.stages.imitate import (
         answer_pool,
@@ -188,9 +204,11 @@ def run(cfg: Config) -> Path:
             s_rows = answer_pool(student.model, student.processor, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: student probes")
+            verdicts = _referee(cfg, teacher_adapter).judge(
+                p_inst, t_rows, s_rows, student_model=student.model,
+                processor=student.processor, images=p_img)
             del student
             gc.collect()
-            verdicts = AnswerAgreement().judge(p_inst, t_rows, s_rows)
             write_jsonl(it / "teacher_probe_answers.jsonl", t_rows)
             write_jsonl(it / "student_probe_answers.jsonl", s_rows)
             write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])

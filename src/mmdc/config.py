@@ -110,6 +110,16 @@ class GenerateConfig(_Section):
     max_new_tokens: int = Field(128, ge=8)
 
 
+class AssessConfig(_Section):
+    """Which referee marks probe instances hard (the student falls short of the teacher)."""
+
+    referee: Literal["agreement", "likelihood", "judge"] = "agreement"
+    likelihood_threshold: float = Field(0.5, ge=0.0, le=1.0)  # hard below this probability
+    judge: str = "teacher"  # judge model for referee=judge: teacher, student or a folder
+    judge_threshold: float = Field(1.0, ge=0.0)  # hard when teacher - student >= this
+    judge_retries: int = Field(2, ge=0)
+
+
 class LoopConfig(_Section):
     iterations: int = Field(3, ge=0)
     strategy: Literal["targeted", "random", "none"] = "targeted"
@@ -129,6 +139,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     align: AlignConfig = AlignConfig()
     imitate: ImitateConfig = ImitateConfig()
+    assess: AssessConfig = AssessConfig()
     generate: GenerateConfig = GenerateConfig()
     loop: LoopConfig = LoopConfig()
 
