@@ -81,8 +81,11 @@ def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, 
     """LoRA-train a role (continuing ``start_adapter`` when given) and save the adapter."""
     from peft import PeftModel
 
+    from transformers import set_seed
+
     from mmdc.stages.align import apply_lora, train_sft
 
+    set_seed(cfg.seed)  # LoRA init and data order must not depend on what ran before
     loaded = _load(mcfg)
     model = loaded.model
     if start_adapter:

@@ -119,6 +119,9 @@ def run_align(cfg, role: str, out_dir: str | Path) -> dict:
     loaded = load_model(mcfg.path, dtype=mcfg.dtype, device=mcfg.device,
                         trust_remote_code=mcfg.trust_remote_code)
     rows = sft_rows(labelled, [split.image(i) for i in labelled], cfg.align.prompt)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the LoRA init must not depend on what ran before in the process
     model = apply_lora(loaded.model, cfg.align.lora)
     out_dir = Path(out_dir)
     history = train_sft(model, loaded.processor, rows, out_dir / "adapter", cfg.align.train,
