@@ -80,7 +80,6 @@ def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, 
                 role_dir: Path, train_cfg, **trainer_kwargs) -> list[float]:
     """LoRA-train a role (continuing ``start_adapter`` when given) and save the adapter."""
     from peft import PeftModel
-
     from transformers import set_seed
 
     from mmdc.stages.align import apply_lora, train_sft
