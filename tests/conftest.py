@@ -12,6 +12,7 @@ import pytest
 from mmdc.data.load import write_synthetic_task
 from mmdc.data.synthetic import TaskSizes
 
+MINI = Path(__file__).parent / "data" / "scienceqa_mini"
 SMALL = TaskSizes(pretrain=0, train=24, pool=8, val=16, test=32)
 
 
@@ -83,3 +84,19 @@ def plain_llava(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def mini(tmp_path) -> Path:
+    """A writable copy of the ScienceQA-layout sample (text-only and unicode problems)."""
+    import shutil
+
+    root = tmp_path / "sqa"
+    shutil.copytree(MINI, root)
+    return root
+
+
+def edit_problem(root: Path, pid: str, **changes) -> None:
+    p = json.loads((root / "problems.json").read_text(encoding="utf-8"))
+    p[pid].update(changes)
+    (root / "problems.json").write_text(json.dumps(p, ensure_ascii=False), encoding="utf-8")

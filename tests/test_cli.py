@@ -1,5 +1,4 @@
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,20 +7,7 @@ import pytest
 
 from mmdc.cli import main
 
-MINI = Path(__file__).parent / "data" / "scienceqa_mini"
-
-
-@pytest.fixture
-def mini(tmp_path):
-    root = tmp_path / "sqa"
-    shutil.copytree(MINI, root)
-    return root
-
-
-def _edit(root, pid, **changes):
-    p = json.loads((root / "problems.json").read_text(encoding="utf-8"))
-    p[pid].update(changes)
-    (root / "problems.json").write_text(json.dumps(p, ensure_ascii=False), encoding="utf-8")
+from .conftest import edit_problem as _edit
 
 
 def run_error(capsys, argv) -> str:

@@ -1,6 +1,4 @@
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -8,20 +6,7 @@ from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf, write_scienceqa
 from mmdc.errors import DataError
 
-MINI = Path(__file__).parent / "data" / "scienceqa_mini"
-
-
-@pytest.fixture
-def mini(tmp_path):
-    root = tmp_path / "sqa"
-    shutil.copytree(MINI, root)
-    return root
-
-
-def _edit(root, pid, **changes):
-    p = json.loads((root / "problems.json").read_text(encoding="utf-8"))
-    p[pid].update(changes)
-    (root / "problems.json").write_text(json.dumps(p, ensure_ascii=False), encoding="utf-8")
+from .conftest import edit_problem as _edit
 
 
 def test_real_layout_text_only_and_unicode(mini):
