@@ -22,7 +22,8 @@ def run_error(capsys, argv) -> str:
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "synth"], ["data", "export"], ["eval"],
                                  ["models"], ["models", "build-toy"], ["models", "info"],
-                                 ["demo"], ["run"], ["report"], ["align"]])
+                                 ["demo"], ["run"], ["report"], ["align"], ["calibrate"],
+                                 ["export"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

@@ -175,3 +175,39 @@ def test_other_referees_run_in_the_loop(tmp_path, referee):
         assert all(r["hard"] is None and r["reason"] == "judge unparsable" for r in rows)
     else:
         assert all(r["hard"] is not None or r["reason"] for r in rows)
+
+
+def test_align_command_writes_adapters_for_each_role(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["align", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"),
+                 "align.roles=[student, teacher]", "align.train.max_steps=2",
+                 "align.train.batch_size=8"]) == 0
+    for role in ("student", "teacher"):
+        out = run_dir / "align" / role
+        assert {p.name for p in out.iterdir()} == {"adapter", "metrics.json"}
+        assert {p.name for p in (out / "adapter").iterdir()} == {
+            "adapter_config.json", "adapter_model.safetensors", "README.md"}
+        losses = json.loads((out / "metrics.json").read_text())["losses"]
+        assert losses and all(math.isfinite(x) for x in losses)
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_resume_flag_needs_a_run(tmp_path, capsys):
+    assert main(["run", f"run_dir={tmp_path / 'none'}", "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_generated_instances_export_as_llava_json(finished_run, tmp_path):
+    from mmdc.data.llava import read_llava_json, write_llava_json
+    from mmdc.data.pool import read_pool
+
+    run_dir, args = finished_run
+    accepted = read_pool(run_dir / "iter_1" / "generated_accepted.jsonl")
+    rejected = [json.loads(x) for x in
+                (run_dir / "iter_1" / "generated_rejected.jsonl").read_text().splitlines()]
+    assert accepted, f"no instance accepted in the tiny run ({len(rejected)} rejected)"
+    data_root = next(a.split("=", 1)[1] for a in args if a.startswith("data.root="))
+    path = write_llava_json(tmp_path / "gen.json", accepted)
+    back = read_llava_json(path, data_root)
+    assert [(b.id, b.question, b.choices, b.answer) for b in back] == \
+        [(a.id, a.question, a.choices, a.answer) for a in accepted]

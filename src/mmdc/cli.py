@@ -7,6 +7,7 @@
     mmdc models build-toy                build the toy teacher and student checkpoints
     mmdc models info [PATH ...]          parameters and vocabulary sharing
     mmdc run [CONFIG] [k=v ...]          the whole pipeline; rerun into the same folder resumes
+    mmdc calibrate [CONFIG] [k=v ...]    the calibration iterations (after align)
     mmdc report RUN_DIR                  rebuild a run's report.md from its files
     mmdc export RUN_DIR --out DIR        the final student, merged, as a plain HF checkpoint
     mmdc demo                            the built-in default, end to end (= mmdc run)
@@ -217,6 +218,8 @@ def cmd_run(args) -> int:
     from mmdc.calibrate import run
 
     cfg = _load_cfg(args)
+    if getattr(args, "resume", False) and not (Path(cfg.run_dir) / "state.json").is_file():
+        raise MmdcError(f"{cfg.run_dir}: nothing to resume (no state.json); run without --resume")
     run_dir = run(cfg)
     print((run_dir / "report.md").read_text(encoding="utf-8"))
     print(f"run folder: {run_dir}")
@@ -313,7 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "then imitate/assess/generate/evaluate per iteration); rerunning "
                            "into the same run folder resumes")
     _config_args(run_p)
+    run_p.add_argument("--resume", action="store_true", help="continue the run in run_dir "
+                       "(an error if there is none); rerunning without it resumes too")
     run_p.set_defaults(func=cmd_run)
+    calib = sub.add_parser("calibrate", help="the calibration iterations (imitate, assess, "
+                           "generate, evaluate) in run_dir, after the align step (which runs "
+                           "first if it has not)")
+    _config_args(calib)
+    calib.add_argument("--resume", action="store_true", help="as for run")
+    calib.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="rebuild report.md of a run folder from its files")
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
