@@ -211,3 +211,15 @@ def test_generated_instances_export_as_llava_json(finished_run, tmp_path):
     back = read_llava_json(path, data_root)
     assert [(b.id, b.question, b.choices, b.answer) for b in back] == \
         [(a.id, a.question, a.choices, a.answer) for a in accepted]
+
+
+@pytest.mark.parametrize("command", ["demo", "calibrate"])
+def test_demo_and_calibrate_commands_end_to_end(tmp_path, command, capsys):
+    run_dir = tmp_path / "run"
+    assert main([command, f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"),
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "| student (iter 1) |" in out and (run_dir / "report.md").is_file()
+    assert {p.name for p in (run_dir / "iter_1").iterdir() if p.is_file()} == ITER_FILES
+    if command == "demo":
+        assert "share a vocabulary: yes" in out
