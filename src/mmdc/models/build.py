@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from mmdc.data import synthetic
 from mmdc.data.pool import write_json
 from mmdc.models import pretrain, toy
@@ -81,7 +79,6 @@ def build_role(role: str, out: Path, tokenizer, seed: int = 0, pretrain_size: in
 def build_toy(out_dir: str | Path, force: bool = False, seed: int = 0,
               roles: tuple[str, ...] = ("teacher", "student")) -> dict[str, dict]:
     """Build (or reuse, when already built with the same settings) the toy checkpoints."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out_dir = Path(out_dir)
     tokenizer = toy.build_tokenizer(seed)
     result = {}

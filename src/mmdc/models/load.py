@@ -8,7 +8,6 @@ checkpoints that ship with the package; they are loaded exactly like any other f
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +127,3 @@ def vocab_report(teacher_path: str, student_path: str) -> dict:
         "shared_vocabulary": same_vocab,
         "same_special_tokens": (t.eos_token_id, t.pad_token_id) == (s.eos_token_id, s.pad_token_id),
     }
-
-
-def read_config(path: str) -> dict:
-    return json.loads((resolve_model_path(path) / "config.json").read_text())

@@ -11,7 +11,7 @@ same way it reads ``llava-hf/llava-1.5-7b-hf``.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -162,7 +162,3 @@ def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0
     gen.bos_token_id = tokenizer.bos_token_id
     gen.do_sample = False
     return model
-
-
-def spec_dict(spec: ToySpec) -> dict:
-    return asdict(spec)
