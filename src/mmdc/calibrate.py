@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 
 from mmdc.config import Config, save_resolved
-from mmdc.data.images import load_image
+from mmdc.data.images import ImageCache
 from mmdc.data.load import load_split, read_image_pool
 from mmdc.data.pool import (
     read_jsonl,
@@ -35,7 +35,7 @@ from mmdc.data.pool import (
 )
 from mmdc.data.record import Instance
 from mmdc.evaluation import evaluate, format_columns, format_skills
-from mmdc.models.load import load_model
+from mmdc.models.load import load_configured
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +56,8 @@ class RunState:
         log.info("finished step %s", step)
 
 
-class Images:
-    """Images of seed, probe, test and generated records, all relative to the data root."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._cache: dict[str, object] = {}
-
-    def __call__(self, rel: str | None):
-        if rel is None:
-            return None
-        if rel not in self._cache:
-            self._cache[rel] = load_image(self.root, rel, f"{self.root} ({rel})")
-        return self._cache[rel]
-
-
 def _load(mcfg, adapter: str | None = None):
-    return load_model(mcfg.path, adapter=adapter, dtype=mcfg.dtype, device=mcfg.device,
-                      trust_remote_code=mcfg.trust_remote_code)
+    return load_configured(mcfg, adapter=adapter)
 
 
 def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, out: Path,
@@ -134,7 +118,7 @@ def run(cfg: Config) -> Path:
     seed_split = load_split(cfg.data, cfg.data.seed_split)
     probe = load_split(cfg.data, cfg.data.probe_split)
     test = load_split(cfg.data, cfg.data.test_split)
-    images = Images(seed_split.root)
+    images = ImageCache(seed_split.root)
     pool_images = ([r["image"] for r in read_image_pool(seed_split.root, cfg.data.pool)]
                    if cfg.data.pool else [])
     labelled = [i for i in seed_split.instances if i.answer is not None]

@@ -27,3 +27,18 @@ def load_image(root: str | Path, rel: str, where: str) -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{where}: unreadable image {path} ({exc.__class__.__name__})") from None
+
+
+class ImageCache:
+    """Loads each image under ``root`` once; ``cache(rel, where)`` -> PIL image or None."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._images: dict[str, Image.Image] = {}
+
+    def __call__(self, rel: str | None, where: str | None = None) -> Image.Image | None:
+        if rel is None:
+            return None
+        if rel not in self._images:
+            self._images[rel] = load_image(self.root, rel, where or f"{self.root} ({rel})")
+        return self._images[rel]

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmdc.data import synthetic
-from mmdc.data.images import load_image
+from mmdc.data.images import ImageCache
 from mmdc.data.pool import read_jsonl, write_json, write_jsonl
 from mmdc.data.record import Instance
 from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf, write_scienceqa
@@ -32,15 +32,12 @@ class Split:
     name: str
     root: Path
     instances: list[Instance]
-    _images: dict[str, Image.Image] = field(default_factory=dict, repr=False)
+    _images: ImageCache | None = field(default=None, repr=False)
 
     def image(self, inst: Instance) -> Image.Image | None:
-        if inst.image is None:
-            return None
-        if inst.image not in self._images:
-            self._images[inst.image] = load_image(self.root, inst.image,
-                                                  f"{self.root} (id {inst.id!r})")
-        return self._images[inst.image]
+        if self._images is None:
+            self._images = ImageCache(self.root)
+        return self._images(inst.image, f"{self.root} (id {inst.id!r})")
 
     def load_images(self) -> None:
         """Load every image now, so a bad one is reported before any work starts."""

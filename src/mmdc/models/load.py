@@ -127,3 +127,10 @@ def vocab_report(teacher_path: str, student_path: str) -> dict:
         "shared_vocabulary": same_vocab,
         "same_special_tokens": (t.eos_token_id, t.pad_token_id) == (s.eos_token_id, s.pad_token_id),
     }
+
+
+def load_configured(mcfg, adapter: str | None = ...) -> Loaded:
+    """Load the model a ``ModelConfig`` names; ``adapter`` overrides ``mcfg.adapter``."""
+    return load_model(mcfg.path, adapter=mcfg.adapter if adapter is ... else adapter,
+                      dtype=mcfg.dtype, device=mcfg.device,
+                      trust_remote_code=mcfg.trust_remote_code)

@@ -110,14 +110,13 @@ def run_align(cfg, role: str, out_dir: str | Path) -> dict:
     import math
 
     from mmdc.data.load import load_split
-    from mmdc.models.load import load_model
+    from mmdc.models.load import load_configured
 
     mcfg = getattr(cfg, role)
     split = load_split(cfg.data, cfg.data.seed_split)
     split.load_images()
     labelled = [i for i in split.instances if i.answer is not None]
-    loaded = load_model(mcfg.path, dtype=mcfg.dtype, device=mcfg.device,
-                        trust_remote_code=mcfg.trust_remote_code)
+    loaded = load_configured(mcfg, adapter=None)
     rows = sft_rows(labelled, [split.image(i) for i in labelled], cfg.align.prompt)
     from transformers import set_seed
 

@@ -52,26 +52,25 @@ class AnswerAgreement:
 
 
 @torch.no_grad()
-def answer_logprobs(model, processor, prompts: list[str], images: list, answers: list[str],
-                    batch_size: int = 16) -> list[float]:
-    """Mean log-probability per answer token of ``answers`` under ``model``."""
+def answer_logprobs(model, processor, prompts: list[str], images: list, answers: list[str]
+                    ) -> list[float]:
+    """Mean log-probability per answer token of ``answers`` under ``model`` (one forward
+    pass per instance, so image and text-only instances need no special batching)."""
     tok = processor.tokenizer
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     result = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = range(start, min(start + batch_size, len(prompts)))
-        for i in chunk:  # one at a time keeps image/no-image handling simple and exact
-            text = chat_text(processor, prompts[i], images[i] is not None)
-            enc = processor(text=[text], images=[images[i]] if images[i] is not None else None,
-                            add_special_tokens=False, return_tensors="pt")
-            target = tok(" " + answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1).to(device)
-            kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            if "pixel_values" in enc:
-                kwargs["pixel_values"] = enc["pixel_values"].to(device, next(model.parameters()).dtype)
-            logits = model(**kwargs).logits[0, -len(target) - 1:-1].float()
-            logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(target, device=device)[:, None])
-            result.append(logp.mean().item())
+    for prompt, image, answer in zip(prompts, images, answers, strict=True):
+        text = chat_text(processor, prompt, image is not None)
+        enc = processor(text=[text], images=[image] if image is not None else None,
+                        add_special_tokens=False, return_tensors="pt")
+        target = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1).to(param.device)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if "pixel_values" in enc:
+            kwargs["pixel_values"] = enc["pixel_values"].to(param.device, param.dtype)
+        logits = model(**kwargs).logits[0, -len(target) - 1:-1].float()
+        targets = torch.tensor(target, device=param.device)[:, None]
+        result.append(torch.log_softmax(logits, -1).gather(1, targets).mean().item())
     return result
 
 
