@@ -70,7 +70,8 @@ def test_majority_and_report():
     r.dropped["malformed"] += 1
     r.count("count", "accepted")
     d = r.to_dict()
-    assert d["dropped"] == {"malformed": 1, "duplicate": 0, "unverified": 0, "not_challenging": 0}
+    assert d["dropped"] == {"malformed": 1, "duplicate": 0, "unverified": 0, "not_challenging": 0,
+                           "over_budget": 0}
     assert d["per_skill"] == {"count": {"accepted": 1}}
 
 
@@ -117,3 +118,27 @@ def test_unparsable_teacher_output_is_counted_not_raised(monkeypatch):
                                                     existing=[], iteration=2)
     assert accepted == [] and report.to_dict()["dropped"]["malformed"] == 4
     assert {r["reason"] for r in rejected} == {"malformed"}
+
+
+def test_max_accepted_caps_the_budget_and_counts_the_rest(monkeypatch):
+    """Strategies are compared at an equal budget: beyond max_accepted, verified
+    instances are dropped as over_budget (counted, kept in the rejected rows)."""
+    import mmdc.generation
+    from mmdc.stages.generate import generate_instances
+
+    def teacher(model, processor, requests, **kw):
+        if requests[0].prompt.startswith("Seed question"):  # writing
+            words = "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl".split()
+            return [format_written(_inst(f"w{i}", question=" ".join(words[3 * i:3 * i + 3])))
+                    for i in range(len(requests))]
+        return ["The answer is A."] * len(requests)  # every vote agrees
+
+    monkeypatch.setattr(mmdc.generation, "generate", teacher)
+    seeds = [Seed(_inst(f"s{i}"), "same", None) for i in range(5)]
+    nobody = SimpleNamespace(model=None, processor=None)
+    accepted, rejected, report = generate_instances(
+        nobody, nobody, seeds, lambda rel: None, existing=[], iteration=1, k=3,
+        challenge=False, max_accepted=2)
+    assert len(accepted) == 2 and report.accepted == 2
+    assert report.to_dict()["dropped"]["over_budget"] == 3
+    assert [r["reason"] for r in rejected] == ["over_budget"] * 3

@@ -50,6 +50,12 @@ def test_run_folder_has_exactly_the_artifacts(finished_run):
     assert "| student (iter 1) |" in report and "| teacher (iter 1) |" in report
     gen = json.loads((it / "generation_report.json").read_text())
     assert gen["asked"] == gen["accepted"] + sum(gen["dropped"].values())
+    # the built-in task's ground-truth diagnostics are in the report and its JSON
+    assert "## Diagnostics" in report and "Acceptance by drop reason" in report
+    diag = json.loads((run_dir / "report.json").read_text())["diagnostics"]["1"]
+    assert diag["acceptance"]["asked"] == gen["asked"]
+    assert diag["label_quality"]["accepted"]["n"] == gen["accepted"]
+    assert sum(e["n"] for e in diag["student_probe_errors"].values()) > 0
 
 
 def test_rerun_redoes_nothing_and_resume_matches(finished_run, capsys):

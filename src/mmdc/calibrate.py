@@ -34,8 +34,10 @@ from mmdc.data.pool import (
     write_text_atomic,
 )
 from mmdc.data.record import Instance
+from mmdc.diagnostics import format_diagnostics
 from mmdc.evaluation import evaluate, format_columns, format_skills
 from mmdc.models.load import load_configured
+from mmdc.stages.generate import DROP_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +224,7 @@ def run(cfg: Config) -> Path:
                     iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold,
                     challenge=g.challenge, temperature=g.temperature,
                     max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size,
-                    seed=cfg.seed + k)
+                    seed=cfg.seed + k, max_accepted=g.max_accepted)
                 del teacher, student
                 gc.collect()
             write_pool(it / "generated_accepted.jsonl", accepted)
@@ -278,19 +280,44 @@ def write_report(run_dir: Path, iterations: int) -> Path:
         rep = json.loads((it / "generation_report.json").read_text())
         gen.append(f"| {k} | {rep.get('asked', 0)} | {rep.get('accepted', 0)} | " + " | ".join(
             str(rep.get("dropped", {}).get(r, 0)) for r in
-            ("malformed", "duplicate", "unverified", "not_challenging")) + " |")
+            DROP_REASONS) + " |")
     lines += ["## Held-out test: ScienceQA columns", "", format_columns(cols), "",
               "## Accuracy per skill", "", format_skills(skills), "",
               "## Generated instances", "",
-              "| iter | asked | accepted | malformed | duplicate | unverified | not challenging |",
-              "|---:|---:|---:|---:|---:|---:|---:|", *gen, ""]
+              "| iter | asked | accepted | " + " | ".join(r.replace("_", " ") for r in DROP_REASONS)
+              + " |", "|---:|---:|---:|" + "---:|" * len(DROP_REASONS), *gen, ""]
+    diag = _diagnostics(run_dir, iterations)
+    if diag:
+        lines += [format_diagnostics(diag)]
     plots = write_plots(run_dir, iterations)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     text = "\n".join(lines)
-    write_json(run_dir / "report.json", {"columns": cols, "skills": skills})
+    write_json(run_dir / "report.json", {"columns": cols, "skills": skills,
+                                         "diagnostics": diag or {}})
     write_text_atomic(run_dir / "report.md", text)
     return run_dir / "report.md"
+
+
+def _diagnostics(run_dir: Path, iterations: int) -> dict:
+    """Ground-truth diagnostics when the run's data is the built-in synthetic task."""
+    from mmdc.config import load_config
+    from mmdc.diagnostics import pool_scenes, run_diagnostics
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except Exception:  # a report is still written without them
+        return {}
+    if cfg.data.format != "synthetic" or not cfg.data.pool:
+        return {}
+    scenes = pool_scenes(cfg.data.root, cfg.data.pool)
+    if not scenes:
+        return {}
+    try:
+        probe = load_split(cfg.data, cfg.data.probe_split).instances
+    except Exception:
+        probe = None
+    return run_diagnostics(run_dir, iterations, scenes, probe)
 
 
 def write_plots(run_dir: Path, iterations: int) -> list[Path]:

@@ -108,6 +108,9 @@ class GenerateConfig(_Section):
     challenge: bool = True  # drop instances the student already answers like the teacher
     temperature: float = Field(0.7, gt=0.0)
     max_new_tokens: int = Field(128, ge=8)
+    # keep at most this many accepted instances per iteration (0: no limit); the rest are
+    # dropped as over_budget. Comparing strategies at an equal generation budget uses it.
+    max_accepted: int = Field(0, ge=0)
 
 
 class AssessConfig(_Section):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from mmdc.data.record import Instance
 from mmdc.prompts import build_write_prompt, parse_written
 
-DROP_REASONS = ("malformed", "duplicate", "unverified", "not_challenging")
+DROP_REASONS = ("malformed", "duplicate", "unverified", "not_challenging", "over_budget")
 
 
 @dataclass
@@ -128,8 +128,8 @@ class GenerationReport:
 def generate_instances(teacher, student, seeds: list[Seed], load_image, *, existing: list[Instance],
                        iteration: int, k: int = 5, tau: float = 0.6, rouge_threshold: float = 0.7,
                        challenge: bool = True, temperature: float = 0.7,
-                       max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0
-                       ) -> tuple[list[Instance], list[dict], GenerationReport]:
+                       max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
+                       max_accepted: int = 0) -> tuple[list[Instance], list[dict], GenerationReport]:
     """Write, parse, filter and verify new instances.
 
     ``teacher`` and ``student`` are :class:`~mmdc.models.load.Loaded`; ``load_image`` maps a
@@ -197,6 +197,12 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                                  "record": inst.to_dict()})
             else:
                 accepted.append((inst, img))
+    if max_accepted and len(accepted) > max_accepted:
+        for inst, _ in accepted[max_accepted:]:
+            report.dropped["over_budget"] += 1
+            report.count(inst.skill, "over_budget")
+            rejected.append({"id": inst.id, "reason": "over_budget", "record": inst.to_dict()})
+        accepted = accepted[:max_accepted]
     for inst, _ in accepted:
         report.count(inst.skill, "accepted")
     report.accepted = len(accepted)

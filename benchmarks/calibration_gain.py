@@ -1,0 +1,199 @@
+"""Calibration gain on the built-in default: targeted vs random vs no generation.
+
+Runs the built-in default (``mmdc run``) for each seed and generation strategy at equal
+budgets: every run trains the student for the same number of steps (the config's), and
+``targeted`` and ``random`` keep at most ``--max-accepted`` generated instances per
+iteration (``generate.max_accepted``; the accepted counts are printed, so a strategy that
+fell short of the cap shows). Each run is a separate process, timed, with its peak
+resident memory. Prints one table (held-out test accuracy of teacher and student after
+each iteration, mean and spread over seeds, overall and per skill), writes it as JSON and
+a PNG plot.
+
+    python benchmarks/calibration_gain.py [--seeds 0 1 2] [--out runs/calibration_gain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STRATEGIES = ("targeted", "random", "none")
+
+
+def child(run_dir: str, overrides: list[str]) -> int:
+    """Run one calibration in this process; print wall time and peak memory as JSON."""
+    from mmdc.cli import main
+
+    start = time.time()
+    rc = main(["run", f"run_dir={run_dir}", *overrides])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("MMDC_BENCH " + json.dumps({"rc": rc, "wall_s": round(time.time() - start, 1),
+                                      "peak_mb": round(peak)}))
+    return rc
+
+
+def run_one(out: Path, seed: int, strategy: str, args) -> dict:
+    run_dir = out / f"seed{seed}_{strategy}"
+    overrides = [f"seed={seed}", f"loop.strategy={strategy}",
+                 f"loop.iterations={args.iterations}",
+                 f"generate.max_accepted={args.max_accepted}",
+                 f"generate.per_iteration={args.per_iteration}", *args.override]
+    proc = subprocess.run([sys.executable, __file__, "--child", str(run_dir), *overrides],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MMDC_BENCH ")]
+    if proc.returncode != 0 or not line:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"run {run_dir} failed (exit {proc.returncode})")
+    info = json.loads(line[-1][len("MMDC_BENCH "):])
+    iters = []
+    for k in range(1, args.iterations + 1):
+        it = run_dir / f"iter_{k}"
+        m = json.loads((it / "metrics.json").read_text())
+        gen = json.loads((it / "generation_report.json").read_text())
+        iters.append({
+            "teacher": m["teacher"]["columns"]["Avg"]["acc"],
+            "student": m["student"]["columns"]["Avg"]["acc"],
+            "student_skills": {s: v["acc"] for s, v in m["student"]["skills"].items()},
+            "teacher_skills": {s: v["acc"] for s, v in m["teacher"]["skills"].items()},
+            "accepted": gen.get("accepted", 0),
+        })
+    report = json.loads((run_dir / "report.json").read_text())
+    return {"seed": seed, "strategy": strategy, "run_dir": str(run_dir), **info,
+            "iterations": iters, "diagnostics": report.get("diagnostics", {})}
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs: list[float]) -> str:
+    m, s = mean_sd(xs)
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def summarize(runs: list[dict], iterations: int) -> dict:
+    out = {}
+    for strategy in STRATEGIES:
+        rs = [r for r in runs if r["strategy"] == strategy]
+        if not rs:
+            continue
+        per_iter = []
+        for k in range(iterations):
+            its = [r["iterations"][k] for r in rs]
+            skills = sorted(its[0]["student_skills"])
+            per_iter.append({
+                "teacher": mean_sd([i["teacher"] for i in its]),
+                "student": mean_sd([i["student"] for i in its]),
+                "accepted": mean_sd([i["accepted"] for i in its]),
+                "student_skills": {s: mean_sd([i["student_skills"][s] for i in its])
+                                   for s in skills},
+            })
+        out[strategy] = {
+            "iterations": per_iter,
+            "wall_s": mean_sd([r["wall_s"] for r in rs]),
+            "peak_mb": max(r["peak_mb"] for r in rs),
+            "final_student": [r["iterations"][-1]["student"] for r in rs],
+        }
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, s in summary.items():
+        its = list(range(1, len(s["iterations"]) + 1))
+        ax.errorbar(its, [i["student"][0] for i in s["iterations"]],
+                    yerr=[i["student"][1] for i in s["iterations"]], marker="o", capsize=3,
+                    label=f"student, {strategy}")
+    first = next(iter(summary.values()))
+    ax.plot(range(1, len(first["iterations"]) + 1),
+            [i["teacher"][0] for i in first["iterations"]], "k--", label="teacher")
+    ax.set(xlabel="iteration", ylabel="held-out test accuracy (%)",
+           title="calibration gain (mean ± sd over seeds)")
+    ax.set_xticks(range(1, len(first["iterations"]) + 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(summary: dict, runs: list[dict], ratio: float, seeds: list[int]) -> None:
+    print(f"Calibration gain on the built-in default, seeds {seeds}, held-out synthetic test, "
+          f"CQM-A accuracy (%), mean ± sd over seeds. student/teacher parameters: "
+          f"1/{ratio:.1f}\n")
+    print("| strategy | iter | teacher | student | accepted | wall s / run | peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for strategy, s in summary.items():
+        for k, i in enumerate(s["iterations"], 1):
+            print(f"| {strategy} | {k} | {i['teacher'][0]:.1f} | {i['student'][0]:.1f} ± "
+                  f"{i['student'][1]:.1f} | {i['accepted'][0]:.1f} | {s['wall_s'][0]:.0f} | "
+                  f"{s['peak_mb']} |")
+    skills = sorted(next(iter(summary.values()))["iterations"][-1]["student_skills"])
+    print("\nStudent after the last iteration, per skill (mean ± sd):\n")
+    print("| strategy | " + " | ".join(skills) + " |")
+    print("|---|" + "---:|" * len(skills))
+    for strategy, s in summary.items():
+        sk = s["iterations"][-1]["student_skills"]
+        print(f"| {strategy} | " + " | ".join(f"{sk[x][0]:.0f} ± {sk[x][1]:.0f}"
+                                              for x in skills) + " |")
+    if "targeted" in summary:
+        t = statistics.fmean(summary["targeted"]["final_student"])
+        teacher = summary["targeted"]["iterations"][-1]["teacher"][0]
+        print()
+        for other in ("random", "none"):
+            if other in summary:
+                o = statistics.fmean(summary[other]["final_student"])
+                print(f"targeted - {other} (last iteration): {t - o:+.1f} points")
+        print(f"student/teacher accuracy (targeted, last iteration): {100 * t / teacher:.0f}%")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2], sys.argv[3:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--max-accepted", type=int, default=12)
+    ap.add_argument("--per-iteration", type=int, default=64)
+    ap.add_argument("--out", default="runs/calibration_gain")
+    ap.add_argument("override", nargs="*", help="extra key=value config overrides")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in args.seeds:
+        for strategy in args.strategies:
+            start = time.time()
+            runs.append(run_one(out, seed, strategy, args))
+            print(f"seed {seed} {strategy}: student {runs[-1]['iterations'][-1]['student']:.2f} "
+                  f"({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
+    from mmdc.config import load_config
+    from mmdc.models.load import count_parameters, load_model
+
+    cfg = load_config(None)
+    n = {role: count_parameters(load_model(getattr(cfg, role).path, device="cpu").model)
+         for role in ("teacher", "student")}
+    ratio = n["teacher"] / n["student"]
+    summary = summarize(runs, args.iterations)
+    print_table(summary, runs, ratio, args.seeds)
+    (out / "calibration_gain.json").write_text(json.dumps(
+        {"args": vars(args), "parameters": n, "summary": summary, "runs": runs}, indent=2))
+    plot(summary, out / "calibration_gain.png")
+    print(f"\nwrote {out / 'calibration_gain.json'} and {out / 'calibration_gain.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Diagnostics for runs on the built-in synthetic task.
+
+The synthetic task knows the hidden scene of every pool image, so each instance the
+teacher writes can be checked against the truth (:func:`mmdc.data.synthetic.solve`). The
+method never sees any of this: it is read back from a finished run folder to explain its
+outcome, and written into the run's report and the calibration-gain benchmark.
+
+* label quality: how often the teacher's label is right on accepted instances and on
+  each kind of rejected one (and how often the label it first wrote was right);
+* coverage: how generated instances spread over skills, against the student's errors
+  on the probe split;
+* acceptance: the share of asked instances accepted and dropped, by drop reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from mmdc.data import synthetic
+from mmdc.data.load import read_image_pool
+from mmdc.data.pool import read_jsonl
+from mmdc.stages.generate import DROP_REASONS
+
+QUALITY_KEYS = ("n", "correct", "wrong", "ill_posed", "off_template")
+
+
+def pool_scenes(root: str | Path, name: str = "pool") -> dict[str, dict] | None:
+    """Image path -> hidden scene, or None when the pool carries no scenes (real data)."""
+    try:
+        rows = read_image_pool(root, name)
+    except Exception:  # no pool, or not ours: no diagnostics, never an error
+        return None
+    scenes = {r["image"]: r["scene"] for r in rows if isinstance(r.get("scene"), dict)}
+    return scenes or None
+
+
+def check_record(record: dict, scenes: dict[str, dict], answer_key: str = "answer"
+                 ) -> tuple[str | None, str]:
+    """(skill, outcome) of one written instance: outcome is correct, wrong, ill_posed
+    (a task template, but no right option on this image) or off_template."""
+    image = record.get("image")
+    scene = scenes.get(image) if image else None
+    sol = synthetic.solve(record.get("question", ""), record.get("choices") or [], scene)
+    if sol.skill is None:
+        return None, "off_template"
+    if sol.answer is None:
+        return sol.skill, "ill_posed"
+    answer = record.get(answer_key)
+    if answer_key == "written_answer":
+        answer = (record.get("meta") or {}).get("written_answer", record.get("answer"))
+    return sol.skill, "correct" if answer == sol.answer else "wrong"
+
+
+def _quality(records: list[dict], scenes: dict[str, dict], answer_key: str = "answer") -> dict:
+    c = Counter(check_record(r, scenes, answer_key)[1] for r in records)
+    out = {k: c.get(k, 0) for k in QUALITY_KEYS[1:]}
+    out["n"] = len(records)
+    judged = out["correct"] + out["wrong"]
+    out["label_acc"] = round(100 * out["correct"] / judged, 1) if judged else None
+    return out
+
+
+def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None = None) -> dict:
+    """Diagnostics of one finished ``iter_k`` folder."""
+    accepted = read_jsonl(it / "generated_accepted.jsonl") if (
+        it / "generated_accepted.jsonl").is_file() else []
+    rejected = read_jsonl(it / "generated_rejected.jsonl") if (
+        it / "generated_rejected.jsonl").is_file() else []
+    by_reason: dict[str, list[dict]] = {}
+    for row in rejected:
+        if "record" in row:  # malformed rows have no record to check
+            by_reason.setdefault(row["reason"], []).append(row["record"])
+    quality = {"accepted": _quality(accepted, scenes),
+               "accepted_as_written": _quality(accepted, scenes, "written_answer")}
+    for reason, records in sorted(by_reason.items()):
+        quality[reason] = _quality(records, scenes)
+    generated_skills = Counter(check_record(r, scenes)[0] or "(off-template)" for r in accepted)
+    report = json.loads((it / "generation_report.json").read_text()) if (
+        it / "generation_report.json").is_file() else {}
+    asked = report.get("asked", 0)
+    acceptance = {"asked": asked, "accepted": report.get("accepted", 0)}
+    for reason in DROP_REASONS:
+        acceptance[reason] = report.get("dropped", {}).get(reason, 0)
+    student_errors: dict[str, dict] = {}
+    if probe is not None and (it / "student_probe_answers.jsonl").is_file():
+        by_id = {i.id: i for i in probe}
+        hard = {r["id"]: r["hard"] for r in read_jsonl(it / "assessment.jsonl")} if (
+            it / "assessment.jsonl").is_file() else {}
+        for row in read_jsonl(it / "student_probe_answers.jsonl"):
+            inst = by_id.get(row["id"])
+            if inst is None:
+                continue
+            s = student_errors.setdefault(inst.skill or "(none)", {"n": 0, "wrong": 0, "hard": 0})
+            s["n"] += 1
+            s["wrong"] += row.get("choice") != inst.answer
+            s["hard"] += hard.get(inst.id) is True
+    return {"label_quality": quality, "generated_skills": dict(sorted(generated_skills.items())),
+            "acceptance": acceptance, "student_probe_errors": dict(sorted(student_errors.items()))}
+
+
+def run_diagnostics(run_dir: Path, iterations: int, scenes: dict[str, dict],
+                    probe: list | None = None) -> dict[int, dict]:
+    out = {}
+    for k in range(1, iterations + 1):
+        it = run_dir / f"iter_{k}"
+        if not (it / "generation_report.json").is_file():
+            break
+        out[k] = iteration_diagnostics(it, scenes, probe)
+    return out
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.0f}%" if b else "-"
+
+
+def format_diagnostics(diag: dict[int, dict]) -> str:
+    """Markdown tables for the run report."""
+    if not diag:
+        return ""
+    lines = ["## Diagnostics (built-in task ground truth, never seen by the method)", "",
+             "Teacher label accuracy on generated instances (correct / judged; ill-posed: a "
+             "task template with no right option on that image; off-template: not one of the "
+             "task's question kinds).", "",
+             "| iter | set | n | label acc | correct | wrong | ill-posed | off-template |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for k, d in diag.items():
+        for name, q in d["label_quality"].items():
+            acc = "-" if q["label_acc"] is None else f"{q['label_acc']:.1f}%"
+            lines.append(f"| {k} | {name.replace('_', ' ')} | {q['n']} | {acc} | {q['correct']} "
+                         f"| {q['wrong']} | {q['ill_posed']} | {q['off_template']} |")
+    lines += ["", "Acceptance by drop reason (share of instances asked for).", "",
+              "| iter | asked | accepted | " + " | ".join(r.replace("_", " ")
+                                                          for r in DROP_REASONS) + " |",
+              "|---:|---:|---:|" + "---:|" * len(DROP_REASONS)]
+    for k, d in diag.items():
+        a = d["acceptance"]
+        lines.append(f"| {k} | {a['asked']} | {_pct(a['accepted'], a['asked'])} | " + " | ".join(
+            _pct(a[r], a["asked"]) for r in DROP_REASONS) + " |")
+    skills = sorted({s for d in diag.values() for s in d["student_probe_errors"]}
+                    | {s for d in diag.values() for s in d["generated_skills"]})
+    if skills:
+        head = " | ".join(f"it{k} student errors | it{k} marked hard | it{k} generated"
+                          for k in diag)
+        lines += ["", "Generated (accepted) instances per skill against the student's probe "
+                  "errors before generation.", "", f"| skill | {head} |",
+                  "|---|" + "---:|" * (3 * len(diag))]
+        for s in skills:
+            cells = []
+            for d in diag.values():
+                e = d["student_probe_errors"].get(s)
+                cells += [f"{e['wrong']}/{e['n']}" if e else "-",
+                          str(e["hard"]) if e else "-", str(d["generated_skills"].get(s, 0))]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
