@@ -103,14 +103,12 @@ def test_sigkill_during_iteration_2_then_resume(tmp_path):
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     data = small_data_overrides(tmp_path / "data")
     two = [a if a != "loop.iterations=1" else "loop.iterations=2" for a in TINY]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    exe = str(Path(sys.executable).with_name("mmdc"))
     assert main(["run", f"run_dir={clean}", *data, *two]) == 0
-    proc = subprocess.Popen([exe, "run", f"run_dir={killed}", *data, *two],
+    proc = subprocess.Popen([sys.executable, "-m", "mmdc", "run", f"run_dir={killed}", *data, *two],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "state.json"
     deadline = time.time() + 300
