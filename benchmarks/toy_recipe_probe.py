@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--lea", type=float, default=0.0, help="share of CQM-LEA targets")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default="runs/probe_cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,6 +132,7 @@ def main() -> int:
                 enc = proc(text=[texts[k] for k in b],
                            images=[images[k] for k in b] if with_image else None,
                            padding=True, return_tensors="pt", add_special_tokens=False)
+                enc = {k: v.to(args.device) for k, v in enc.items()}
                 pred = model(**enc).logits[:, -1].argmax(-1).tolist()
                 for k, p in zip(b, pred):
                     hits[val[k][0].skill].append(p == letters[val[k][0].answer])
@@ -144,6 +146,7 @@ def main() -> int:
     if args.pos_std:
         torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight,
                               std=args.pos_std)
+    model.to(args.device)
     print(f"spec {spec}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data)} training examples, {len(val)} validation items", flush=True)
     recipe = pretrain.Recipe(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
@@ -161,8 +164,8 @@ def main() -> int:
     for step in range(1, args.steps + 1):
         if not batches:
             batches = pretrain._length_grouped_batches(data, recipe.batch_size, rng)
-        loss = model(**pretrain.collate([data[i] for i in batches.pop()],
-                                        tok.pad_token_id)).loss
+        batch = pretrain.collate([data[i] for i in batches.pop()], tok.pad_token_id)
+        loss = model(**{k: v.to(args.device) for k, v in batch.items()}).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

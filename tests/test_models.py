@@ -49,7 +49,7 @@ def test_shipped_toy_checkpoints_match_current_builder(role):
     tok = toy.build_tokenizer()
     manifest = json.loads((folder / MANIFEST).read_text())
     want = expected_manifest(role, tok)
-    for key in ("spec", "recipe", "tokenizer", "seed"):
+    for key in ("spec", "recipe", "tokenizer", "seed", "pretrain_size"):
         assert manifest[key] == want[key], f"{role} {key} is stale: run mmdc models build-toy --force"
     spec = toy.TEACHER_SPEC if role == "teacher" else toy.STUDENT_SPEC
     shipped = json.loads((folder / "config.json").read_text())
