@@ -88,3 +88,24 @@ def test_pool_errors_name_line_and_id(tmp_path):
     p.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     with pytest.raises(DataError, match="duplicate id 'a'"):
         read_pool(p)
+
+
+def test_partial_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+    """A crash mid-append leaves a partial, unterminated last line: it is dropped (with a
+    warning naming the file and line) and every complete record is kept."""
+    insts = [Instance(id=f"p{i}", question="Which?", choices=["a", "b"], answer=0)
+             for i in range(3)]
+    path = write_pool(tmp_path / "pool.jsonl", insts)
+    whole = path.read_text()
+    path.write_text(whole + json.dumps(insts[0].to_dict())[:25])  # a torn append
+    with caplog.at_level("WARNING"):
+        assert [i.id for i in read_pool(path)] == ["p0", "p1", "p2"]
+    assert "line 4: dropping a partial last line" in caplog.text
+    # a malformed line that is complete (newline-terminated), or not the last, is an error
+    path.write_text(whole + "{oops\n")
+    with pytest.raises(DataError, match=r"line 4: malformed JSON"):
+        read_pool(path)
+    lines = whole.splitlines()
+    path.write_text("\n".join([lines[0], "{oops", *lines[1:]]))
+    with pytest.raises(DataError, match=r"line 2: malformed JSON"):
+        read_pool(path)

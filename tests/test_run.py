@@ -87,6 +87,35 @@ def test_export_merged_student_loads_as_plain_hf(finished_run, tmp_path):
     assert (tmp_path / "student" / "model.safetensors").is_file()
 
 
+def test_resume_with_a_changed_config_is_refused_and_loses_nothing(finished_run, capsys):
+    run_dir, args = finished_run
+    saved = (run_dir / "config.yaml").read_text()
+    state = (run_dir / "state.json").read_text()
+    changed = [*args, "imitate.train.learning_rate=0.5", "generate.tau=0.9"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "generate.tau" in err and "imitate.train.learning_rate" in err
+    assert (run_dir / "config.yaml").read_text() == saved  # nothing overwritten
+    assert (run_dir / "state.json").read_text() == state
+
+
+def test_changed_keys_allows_what_no_finished_step_depends_on():
+    from mmdc.calibrate import changed_keys
+    from mmdc.config import Config, load_config
+
+    old = Config().model_dump(mode="json")
+    new = load_config(None, ["loop.iterations=5", "eval.batch_size=8", "run_dir=elsewhere"])
+    assert changed_keys(old, new) == []
+    new = load_config(None, ["student.path=other", "align.lora.r=4"])
+    assert changed_keys(old, new) == ["align.lora.r", "student.path"]
+    # a config saved by an older mmdc lacks newer keys: they count at their defaults
+    del old["generate"]["max_accepted"]
+    assert changed_keys(old, Config()) == []
+    assert changed_keys(old, load_config(None, ["generate.max_accepted=3"])) == [
+        "generate.max_accepted"]
+
+
 def test_report_command_rebuilds_the_report(finished_run, capsys):
     run_dir, _ = finished_run
     (run_dir / "report.md").unlink()

@@ -58,6 +58,52 @@ class RunState:
         log.info("finished step %s", step)
 
 
+# Keys that no finished step depends on: a resume may change them (add iterations, say).
+RESUME_SAFE_KEYS = ("run_dir", "loop.iterations", "eval.batch_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def changed_keys(old: dict, new: Config) -> list[str]:
+    """Dotted config keys whose value differs between a saved config and ``new``; a key
+    the saved config lacks (written by an older mmdc) counts at its default."""
+    before = _flatten(Config().model_dump(mode="json"))
+    before.update(_flatten(old))
+    after = _flatten(new.model_dump(mode="json"))
+    return sorted(k for k in before.keys() | after.keys()
+                  if before.get(k) != after.get(k)
+                  and not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS))
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run folder whose finished steps ran with another config."""
+    import yaml
+
+    from mmdc.errors import ConfigError
+
+    saved = run_dir / "config.yaml"
+    if not RunState(run_dir).done or not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{saved}: unreadable ({exc}); cannot check it before resuming") from None
+    changed = changed_keys(old, cfg)
+    if changed:
+        raise ConfigError(
+            f"{run_dir}: the config differs from the one its finished steps ran with "
+            f"({', '.join(changed)}); use a new run_dir, or set these back to resume")
+
+
 def _load(mcfg, adapter: str | None = None):
     return load_configured(mcfg, adapter=adapter)
 
@@ -115,6 +161,7 @@ def run(cfg: Config) -> Path:
         check_kd_compatible(cfg.teacher.path, cfg.student.path)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, run_dir)
     save_resolved(cfg, run_dir)
     state = RunState(run_dir)
     seed_split = load_split(cfg.data, cfg.data.seed_split)

@@ -8,6 +8,7 @@ leaves a half-written pool behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from mmdc.data.record import Instance
 from mmdc.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -47,20 +50,28 @@ def write_pool(path: str | Path, instances: Iterable[Instance]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file. A malformed line is an error naming the file and line, except a
+    *partial last line* (malformed and not newline-terminated, as a crash mid-append leaves
+    it), which is dropped with a warning so that a resumed run can go on."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    lines = text.splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("%s, line %d: dropping a partial last line (%d bytes; %s), as a "
+                            "crash during a write leaves it", path, n, len(line), exc.msg)
+                break
             raise DataError(f"{path}, line {n}: malformed JSON ({exc.msg})") from None
     return rows
 
