@@ -43,3 +43,30 @@ def test_align_lora_on_language_model_with_projector(synth_root, tmp_path):
     merged = export_merged(peft_model, processor, tmp_path / "merged")
     plain = load_model(str(merged), device="cpu")
     assert type(plain.model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_non_finite_loss_stops_training_and_saves_nothing(synth_root, tmp_path):
+    """A diverged loss is a one-line TrainingError naming the output folder; no adapter
+    is written, so the previous (good) one stays the run's latest."""
+    import pytest
+    from trl import SFTTrainer
+
+    from mmdc.errors import TrainingError
+
+    class Diverging(SFTTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss * float("nan") if self.state.global_step >= 1 else loss
+
+    tok = toy.build_tokenizer()
+    model = toy.build_model(toy.STUDENT_SPEC, tok)
+    processor = toy.build_processor(tok, toy.STUDENT_SPEC)
+    split = Split("train", synth_root, read_scienceqa(synth_root, "train"))
+    rows = sft_rows(split.instances[:16], [split.image(i) for i in split.instances[:16]])
+    peft_model = apply_lora(model, LoraConfigSection(r=4, alpha=8))
+    out = tmp_path / "adapter"
+    with pytest.raises(TrainingError, match=r"adapter: the training loss became nan by step 2"):
+        train_sft(peft_model, processor, rows, out,
+                  TrainConfig(max_steps=4, batch_size=8, logging_steps=1, warmup_steps=1),
+                  trainer_class=Diverging)
+    assert not (out / "adapter_model.safetensors").exists()

@@ -20,3 +20,7 @@ class DataError(MmdcError):
 
 class ModelError(MmdcError):
     pass
+
+
+class TrainingError(MmdcError):
+    """Training went wrong in a way the user must act on (a diverged loss, say)."""

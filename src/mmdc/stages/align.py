@@ -58,6 +58,27 @@ def apply_lora(model, settings: LoraConfigSection):
     return peft_model
 
 
+def _non_finite_loss_guard(where: str):
+    """A callback that stops training at the first logged non-finite loss, before the
+    adapter is saved: the last good adapter (the run's previous step) stays in place."""
+    import math
+
+    from transformers import TrainerCallback
+
+    from mmdc.errors import TrainingError
+
+    class NonFiniteLossGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise TrainingError(
+                    f"{where}: the training loss became {loss} by step {state.global_step}; "
+                    "stopped without saving this adapter (the last good one is kept); "
+                    "lower the learning rate or check the data")
+
+    return NonFiniteLossGuard()
+
+
 def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
               logging_dir: str | Path | None = None, seed: int = 0, trainer_class=None,
               **trainer_kwargs):
@@ -80,12 +101,13 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
         seed=seed, data_seed=seed, max_length=settings.max_length,
         completion_only_loss=True, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=False, bf16=False,
+        logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
     )
     writer = SummaryWriter(log_dir=str(logging_dir or out_dir / "tensorboard"))
     tensorboard = TensorBoardCallback(tb_writer=writer)
     trainer = (trainer_class or SFTTrainer)(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
-        callbacks=[tensorboard], **trainer_kwargs)
+        callbacks=[tensorboard, _non_finite_loss_guard(str(out_dir))], **trainer_kwargs)
     try:
         trainer.train()
     finally:
