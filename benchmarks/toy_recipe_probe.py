@@ -100,7 +100,7 @@ def main() -> int:
     cache = Path(args.cache) / f"pretrain_{args.n}_{args.lea}_{args.tint}.pt"
     instances = [i for i, _ in synthetic.generate_split("pretrain", args.n, 0)]
     if cache.is_file():
-        data = torch.load(cache, weights_only=False)  # our own cache, written below
+        data = torch.load(cache, weights_only=True)
     else:
         recipe = pretrain.Recipe(steps=1, lr=1.0, lea_fraction=args.lea)
         data = pretrain.tokenize_examples(proc, pretrain.build_examples(instances, recipe, 0))

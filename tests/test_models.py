@@ -73,3 +73,35 @@ def test_vocabulary_sharing_is_reported(plain_llava):
     assert rep["shared_vocabulary"] is True
     rep = vocab_report("builtin:teacher", str(plain_llava))
     assert rep["shared_vocabulary"] is False
+
+
+def test_generation_splits_a_batch_that_runs_out_of_memory(caplog):
+    """An out-of-memory batch is halved and retried, with a warning, and the outputs are
+    the same as without the fault; out of memory on a single request is one clear error."""
+    from PIL import Image
+
+    from mmdc.errors import ModelError
+    from mmdc.generation import Request, generate
+    from mmdc.models.load import load_model
+
+    loaded = load_model("builtin:student", device="cpu")
+    reqs = [Request(f"Question: How many shapes? {i}", Image.new("RGB", (32, 32), "white"))
+            for i in range(5)]
+    want = generate(loaded.model, loaded.processor, reqs, max_new_tokens=4, batch_size=8)
+    real = loaded.model.generate
+
+    def small_memory(limit):
+        def fake(**kw):
+            if kw["input_ids"].shape[0] > limit:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(**kw)
+        return fake
+
+    loaded.model.generate = small_memory(2)
+    with caplog.at_level("WARNING"):
+        got = generate(loaded.model, loaded.processor, reqs, max_new_tokens=4, batch_size=8)
+    assert got == want
+    assert "out of memory generating a batch of 5" in caplog.text
+    loaded.model.generate = small_memory(0)
+    with pytest.raises(ModelError, match="out of memory generating one request"):
+        generate(loaded.model, loaded.processor, reqs, max_new_tokens=4, batch_size=8)

@@ -1,7 +1,8 @@
 """Batched generation with a Hugging Face image-text-to-text model.
 
 Requests are grouped by whether they carry an image, sorted by prompt length, padded on
-the left and decoded with the KV cache; results come back in request order.
+the left and decoded with the KV cache; results come back in request order. A batch that
+runs out of memory is split in two and retried (with a warning), down to single requests.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils.memory import release_memory, should_reduce_batch_size
 from PIL import Image
 from tqdm.auto import tqdm
+
+from mmdc.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,17 @@ def encode_batch(processor, requests: list[Request], padding_side: str = "left")
     return dict(enc)
 
 
+def _generate_batch(model, processor, requests: list[Request], device, dtype, kwargs
+                    ) -> list[str]:
+    enc = encode_batch(processor, requests)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    out = model.generate(**enc, **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
 @torch.no_grad()
 def generate(model, processor, requests: list[Request], *, max_new_tokens: int = 16,
              batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0,
@@ -72,23 +87,35 @@ def generate(model, processor, requests: list[Request], *, max_new_tokens: int =
     model.eval()
     outputs: list[str] = [""] * len(requests)
     bar = tqdm(total=len(requests), desc=desc or "generate", disable=not progress, leave=False)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    queue = list(batches)
     try:
-        for idx in batches:
-            enc = encode_batch(processor, [requests[i] for i in idx])
-            enc = {k: v.to(device) for k, v in enc.items()}
-            if "pixel_values" in enc:
-                enc["pixel_values"] = enc["pixel_values"].to(dtype)
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        while queue:
+            idx = queue.pop(0)
+            try:
+                texts = _generate_batch(model, processor, [requests[i] for i in idx], device,
+                                        dtype, kwargs)
+            except RuntimeError as exc:
+                if not should_reduce_batch_size(exc):
+                    raise
+                if len(idx) == 1:
+                    raise ModelError(
+                        f"out of memory generating one request (max_new_tokens="
+                        f"{max_new_tokens}) on {device}: use a smaller dtype, fewer new "
+                        "tokens or a device with more memory") from None
+                half = len(idx) // 2
+                log.warning("out of memory generating a batch of %d on %s: retrying it as "
+                            "batches of %d and %d", len(idx), device, half, len(idx) - half)
+                release_memory()
+                queue[:0] = [idx[:half], idx[half:]]
+                continue
             for i, t in zip(idx, texts):
-                outputs[i] = t.strip()
+                outputs[i] = t
             bar.update(len(idx))
     finally:
         bar.close()
