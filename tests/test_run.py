@@ -124,30 +124,41 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
     assert (run_dir / "report.md").is_file()
 
 
-def test_sigkill_during_iteration_2_then_resume(tmp_path):
-    """Kill -9 the run in iteration 2, resume: finished steps are not redone and the final
-    metrics equal an uninterrupted run with the same seed."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_during_iteration_2_then_resume(tmp_path, sig):
+    """Kill the run in iteration 2 (SIGKILL: no cleanup at all; SIGTERM: a clean one-line
+    exit), resume: finished steps are not redone and the final metrics equal an
+    uninterrupted run with the same seed."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    signum = getattr(signal, sig)
     data = small_data_overrides(tmp_path / "data")
     two = [a if a != "loop.iterations=1" else "loop.iterations=2" for a in TINY]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     assert main(["run", f"run_dir={clean}", *data, *two]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "mmdc", "run", f"run_dir={killed}", *data, *two],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "mmdc", "run", f"run_dir={killed}",
+                                 *data, *two], stdout=subprocess.DEVNULL, stderr=err_file)
     state = killed / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if state.is_file() and "iter_2/teacher_answers" in state.read_text():
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, signum)
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    else:
+        assert proc.returncode == 143, "the run finished before it could be terminated"
+        last = err.read_text().strip().splitlines()[-1]
+        assert last.startswith("mmdc: terminated; finished steps are kept")
+        assert "Traceback" not in err.read_text()
     done_before = json.loads(state.read_text())["done"]
     assert "iter_2/evaluate" not in done_before
     first = (killed / "iter_1" / "teacher_answers.jsonl").stat().st_mtime_ns

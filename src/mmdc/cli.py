@@ -357,14 +357,35 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     if getattr(args, "command", None) == "eval" and args.model is None:
         args.model = ["teacher", "student"]
+    terminated = []
+
+    def on_sigterm(signum, frame):  # unwind like Ctrl-C, so every cleanup runs
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = _install_sigterm(on_sigterm)
     try:
         return args.func(args)
     except MmdcError as exc:
         print(f"mmdc: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mmdc: interrupted", file=sys.stderr)
-        return 130
+        what = "terminated" if terminated else "interrupted"
+        print(f"mmdc: {what}; finished steps are kept, the same command resumes a run",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        _install_sigterm(previous)
+
+
+def _install_sigterm(handler):
+    """Set the SIGTERM handler (main thread only); returns the previous one."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":  # pragma: no cover
