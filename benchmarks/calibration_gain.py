@@ -128,7 +128,7 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def print_table(summary: dict, runs: list[dict], ratio: float, seeds: list[int]) -> None:
+def print_table(summary: dict, ratio: float, seeds: list[int]) -> None:
     print(f"Calibration gain on the built-in default, seeds {seeds}, held-out synthetic test, "
           f"CQM-A accuracy (%), mean ± sd over seeds. student/teacher parameters: "
           f"1/{ratio:.1f}\n")
@@ -187,7 +187,7 @@ def main() -> int:
          for role in ("teacher", "student")}
     ratio = n["teacher"] / n["student"]
     summary = summarize(runs, args.iterations)
-    print_table(summary, runs, ratio, args.seeds)
+    print_table(summary, ratio, args.seeds)
     (out / "calibration_gain.json").write_text(json.dumps(
         {"args": vars(args), "parameters": n, "summary": summary, "runs": runs}, indent=2))
     plot(summary, out / "calibration_gain.png")

@@ -10,18 +10,17 @@ instances/s, generated tokens/s, the ratio, and how many outputs are identical.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 
 import torch
 
 from mmdc.config import load_config
-from mmdc.data import synthetic
 from mmdc.data.load import load_split
 from mmdc.generation import Request, generate
 from mmdc.models.load import load_model
-from mmdc.prompts import build_prompt, build_write_prompt
+from mmdc.prompts import build_prompt
+from toy_models import write_requests  # the sibling benchmark (this folder is on sys.path)
 
 
 def requests(task: str, n: int, data_root: str) -> list[Request]:
@@ -30,14 +29,7 @@ def requests(task: str, n: int, data_root: str) -> list[Request]:
     insts = split.instances[:n]
     if task == "answer":  # the teacher's CQM-LEA rationale answers (imitate, verify)
         return [Request(build_prompt(i, "CQM-LEA"), split.image(i)) for i in insts]
-    rng = random.Random(0)  # writing new instances about fresh images (generate)
-    out = []
-    for i in insts:
-        image = None
-        if i.image is not None:
-            image = synthetic.draw_scene(synthetic.scene_for_skill(i.skill, rng))
-        out.append(Request(build_write_prompt(i, "same"), image))
-    return out
+    return write_requests(insts)  # writing new instances about fresh images (generate)
 
 
 def timed(model, processor, reqs, batch_size, max_new_tokens):

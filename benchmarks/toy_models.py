@@ -27,24 +27,33 @@ from mmdc.models.build import MANIFEST, build_toy
 from mmdc.models.load import TOY_DIR, count_parameters, load_model, vocab_report
 
 
-def teacher_writing(folder: Path, split, n: int = 64) -> dict:
-    """How often the teacher's written instances parse into valid records."""
+def write_requests(seeds: list) -> list:
+    """Ask for a new instance like each seed, about a fresh image of the seed's skill."""
     import random
 
     from mmdc.data import synthetic
-    from mmdc.generation import Request, generate
-    from mmdc.prompts import build_write_prompt, parse_written
+    from mmdc.generation import Request
+    from mmdc.prompts import build_write_prompt
 
-    loaded = load_model(str(folder), device="cpu")
     rng = random.Random(0)
-    seeds = [i for i in split.instances][:n]
     reqs = []
     for seed in seeds:
         image = None
         if seed.image is not None:
             image = synthetic.draw_scene(synthetic.scene_for_skill(seed.skill, rng))
         reqs.append(Request(build_write_prompt(seed, "same"), image))
-    outs = generate(loaded.model, loaded.processor, reqs, max_new_tokens=96, batch_size=32,
+    return reqs
+
+
+def teacher_writing(folder: Path, split, n: int = 64) -> dict:
+    """How often the teacher's written instances parse into valid records."""
+    from mmdc.generation import generate
+    from mmdc.prompts import parse_written
+
+    loaded = load_model(str(folder), device="cpu")
+    seeds = split.instances[:n]
+    outs = generate(loaded.model, loaded.processor, write_requests(seeds), max_new_tokens=96,
+                    batch_size=32,
                     desc="teacher writes")
     parsed = same = 0
     for seed, out in zip(seeds, outs):

@@ -150,33 +150,16 @@ def main() -> int:
     print(f"spec {spec}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data)} training examples, {len(val)} validation items", flush=True)
     recipe = pretrain.Recipe(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
-    from transformers import get_cosine_schedule_with_warmup
-
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                            betas=(0.9, 0.98))
-    sched = get_cosine_schedule_with_warmup(opt, recipe.warmup, recipe.steps)
-    model.train()
-    batches: list[list[int]] = []
-    losses: list[float] = []
     start = time.time()
-    for step in range(1, args.steps + 1):
-        if not batches:
-            batches = pretrain._length_grouped_batches(data, recipe.batch_size, rng)
-        batch = pretrain.collate([data[i] for i in batches.pop()], tok.pad_token_id)
-        loss = model(**{k: v.to(args.device) for k, v in batch.items()}).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+
+    def report(step: int, losses: list[float]) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model)
             print(f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
                   f"{time.time() - start:.0f}s " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()),
                   flush=True)
+
+    pretrain.train(model, proc, data, recipe, seed=args.seed, desc="probe", on_step=report)
     return 0
 
 

@@ -35,6 +35,7 @@ from mmdc.data.pool import (
 )
 from mmdc.data.record import Instance
 from mmdc.diagnostics import format_diagnostics
+from mmdc.errors import ConfigError, MmdcError
 from mmdc.evaluation import evaluate, format_columns, format_skills
 from mmdc.models.load import load_configured
 from mmdc.stages.generate import DROP_REASONS
@@ -87,8 +88,6 @@ def changed_keys(old: dict, new: Config) -> list[str]:
 def check_resumable(cfg: Config, run_dir: Path) -> None:
     """Refuse to resume a run folder whose finished steps ran with another config."""
     import yaml
-
-    from mmdc.errors import ConfigError
 
     saved = run_dir / "config.yaml"
     if not RunState(run_dir).done or not saved.is_file():
@@ -353,7 +352,7 @@ def _diagnostics(run_dir: Path, iterations: int) -> dict:
 
     try:
         cfg = load_config(run_dir / "config.yaml")
-    except Exception:  # a report is still written without them
+    except MmdcError:  # a report is still written without them
         return {}
     if cfg.data.format != "synthetic" or not cfg.data.pool:
         return {}
@@ -362,7 +361,7 @@ def _diagnostics(run_dir: Path, iterations: int) -> dict:
         return {}
     try:
         probe = load_split(cfg.data, cfg.data.probe_split).instances
-    except Exception:
+    except MmdcError:
         probe = None
     return run_diagnostics(run_dir, iterations, scenes, probe)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from mmdc.data import synthetic
 from mmdc.data.load import read_image_pool
 from mmdc.data.pool import read_jsonl
+from mmdc.errors import MmdcError
 from mmdc.stages.generate import DROP_REASONS
 
 QUALITY_KEYS = ("n", "correct", "wrong", "ill_posed", "off_template")
@@ -30,7 +31,7 @@ def pool_scenes(root: str | Path, name: str = "pool") -> dict[str, dict] | None:
     """Image path -> hidden scene, or None when the pool carries no scenes (real data)."""
     try:
         rows = read_image_pool(root, name)
-    except Exception:  # no pool, or not ours: no diagnostics, never an error
+    except MmdcError:  # no pool, or a malformed one: no diagnostics, never an error
         return None
     scenes = {r["image"]: r["scene"] for r in rows if isinstance(r.get("scene"), dict)}
     return scenes or None

@@ -138,8 +138,9 @@ def _length_grouped_batches(data: list[dict], batch_size: int, rng: random.Rando
 
 
 def train(model, processor, data: list[dict], recipe: Recipe, seed: int = 0,
-          desc: str = "pretrain", log_every: int = 100) -> list[float]:
-    """Run the recipe; returns the per-step losses."""
+          desc: str = "pretrain", log_every: int = 100, on_step=None) -> list[float]:
+    """Run the recipe on the model's device; returns the per-step losses.
+    ``on_step(step, losses)``, when given, is called after each step (1-based)."""
     from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -149,6 +150,7 @@ def train(model, processor, data: list[dict], recipe: Recipe, seed: int = 0,
                             betas=(0.9, 0.98))
     sched = get_cosine_schedule_with_warmup(opt, recipe.warmup, recipe.steps)
     pad = processor.tokenizer.pad_token_id
+    device = next(model.parameters()).device
     batches: list[list[int]] = []
     losses = []
     start = time.time()
@@ -157,7 +159,7 @@ def train(model, processor, data: list[dict], recipe: Recipe, seed: int = 0,
         if not batches:
             batches = _length_grouped_batches(data, recipe.batch_size, rng)
         batch = collate([data[i] for i in batches.pop()], pad)
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{desc}: non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -171,5 +173,7 @@ def train(model, processor, data: list[dict], recipe: Recipe, seed: int = 0,
             bar.set_postfix(loss=f"{recent:.3f}")
             log.info("%s step %d/%d loss %.4f (%.0fs)", desc, step + 1, recipe.steps, recent,
                      time.time() - start)
+        if on_step is not None:
+            on_step(step + 1, losses)
     model.eval()
     return losses
