@@ -66,6 +66,27 @@ def tinted(draw):
     return draw_tinted
 
 
+def sincos_position_init(spec: toy.ToySpec, std: float = 1.0):
+    """A 2-D sine-cosine position table for the vision tower (as in MAE/ViT), scaled to ``std``.
+
+    Row and column each take half the channels, so "same row", "left of" and "above" are
+    near-linear in the patch features. Row 0 is the class token and stays zero."""
+    grid = spec.image_size // spec.patch_size
+    quarter = spec.vision_hidden // 4
+    omega = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def axis(pos):
+        angles = pos.reshape(-1, 1).float() * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([axis(rows), axis(cols)], dim=1)
+    table = torch.nn.functional.pad(table, (0, spec.vision_hidden - table.shape[1]))
+    table = table - table.mean(dim=0, keepdim=True)
+    table = table / table.std() * std
+    return torch.cat([torch.zeros(1, spec.vision_hidden), table], dim=0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="96,2,4,192,3,4,512", help="the teacher spec by default")
@@ -80,6 +101,11 @@ def main() -> int:
                     help="add this many times --n position questions")
     ap.add_argument("--pos-std", type=float, default=0.0,
                     help="re-initialise the vision position embedding with this std")
+    ap.add_argument("--pos-init", default="random", choices=["random", "sincos"],
+                    help="vision position embedding init: random N(0, pos-std) or 2-D sin-cos "
+                         "scaled to std pos-std")
+    ap.add_argument("--write", type=float, default=0.0, help="share of instance-writing examples")
+    ap.add_argument("--caption", type=float, default=0.0, help="share of caption examples")
     ap.add_argument("--tint", type=int, default=0, help="tint empty cells by position")
     ap.add_argument("--lea", type=float, default=0.0, help="share of CQM-LEA targets")
     ap.add_argument("--threads", type=int, default=2)
@@ -97,12 +123,13 @@ def main() -> int:
     keep = set(args.skills.split(",")) if args.skills else set(synthetic.SKILL_NAMES)
     keep.add("position")
 
-    cache = Path(args.cache) / f"pretrain_{args.n}_{args.lea}_{args.tint}.pt"
+    cache = Path(args.cache) / f"pretrain_{args.n}_{args.lea}_{args.tint}_{args.write}_{args.caption}.pt"
     instances = [i for i, _ in synthetic.generate_split("pretrain", args.n, 0)]
     if cache.is_file():
         data = torch.load(cache, weights_only=True)
     else:
-        recipe = pretrain.Recipe(steps=1, lr=1.0, lea_fraction=args.lea)
+        recipe = pretrain.Recipe(steps=1, lr=1.0, lea_fraction=args.lea,
+                                 write_fraction=args.write, caption_fraction=args.caption)
         data = pretrain.tokenize_examples(proc, pretrain.build_examples(instances, recipe, 0))
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, cache)
@@ -143,9 +170,12 @@ def main() -> int:
 
     tok.padding_side = "left"
     model = toy.build_model(spec, tok, args.seed)
-    if args.pos_std:
-        torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight,
-                              std=args.pos_std)
+    pos = model.model.vision_tower.embeddings.position_embedding.weight
+    if args.pos_init == "sincos":
+        with torch.no_grad():
+            pos.copy_(sincos_position_init(spec, args.pos_std or 1.0))
+    elif args.pos_std:
+        torch.nn.init.normal_(pos, std=args.pos_std)
     model.to(args.device)
     print(f"spec {spec}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(data)} training examples, {len(val)} validation items", flush=True)
