@@ -91,7 +91,7 @@ def main() -> int:
         manifest = json.loads((folder / role / MANIFEST).read_text())
         loaded = load_model(str(folder / role), device="cpu")
         start = time.time()
-        res = evaluate(loaded.model, loaded.processor, split, fmt="CQM-A", batch_size=64,
+        res = evaluate(loaded, split, fmt="CQM-A", batch_size=64,
                        max_new_tokens=4, desc=f"eval {role}")
         rows[role] = {
             "parameters": count_parameters(loaded.model),

@@ -105,15 +105,13 @@ def test_generate_instances_end_to_end(synth_root):
 
 def test_unparsable_teacher_output_is_counted_not_raised(monkeypatch):
     """A teacher that writes garbage: every instance is dropped as malformed and counted."""
-    import mmdc.generation
     from mmdc.stages.generate import generate_instances
 
-    def garbage(model, processor, requests, **kw):
+    def garbage(requests, **kw):
         return ["Question: ???", "", "Options: (A) x", "\u0000 nonsense"][: len(requests)]
 
-    monkeypatch.setattr(mmdc.generation, "generate", garbage)
     seeds = [Seed(_inst(f"s{i}"), "same", None) for i in range(4)]
-    nobody = SimpleNamespace(model=None, processor=None)
+    nobody = SimpleNamespace(generate=garbage)
     accepted, rejected, report = generate_instances(nobody, nobody, seeds, lambda rel: None,
                                                     existing=[], iteration=2)
     assert accepted == [] and report.to_dict()["dropped"]["malformed"] == 4
@@ -123,19 +121,17 @@ def test_unparsable_teacher_output_is_counted_not_raised(monkeypatch):
 def test_max_accepted_caps_the_budget_and_counts_the_rest(monkeypatch):
     """Strategies are compared at an equal budget: beyond max_accepted, verified
     instances are dropped as over_budget (counted, kept in the rejected rows)."""
-    import mmdc.generation
     from mmdc.stages.generate import generate_instances
 
-    def teacher(model, processor, requests, **kw):
+    def teacher(requests, **kw):
         if requests[0].prompt.startswith("Seed question"):  # writing
             words = "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl".split()
             return [format_written(_inst(f"w{i}", question=" ".join(words[3 * i:3 * i + 3])))
                     for i in range(len(requests))]
         return ["The answer is A."] * len(requests)  # every vote agrees
 
-    monkeypatch.setattr(mmdc.generation, "generate", teacher)
     seeds = [Seed(_inst(f"s{i}"), "same", None) for i in range(5)]
-    nobody = SimpleNamespace(model=None, processor=None)
+    nobody = SimpleNamespace(generate=teacher)
     accepted, rejected, report = generate_instances(
         nobody, nobody, seeds, lambda rel: None, existing=[], iteration=1, k=3,
         challenge=False, max_accepted=2)

@@ -21,7 +21,7 @@ def probe(synth_root):
 
 def test_teacher_answers_are_cached(teacher, probe, tmp_path):
     instances, images = probe
-    rows = answer_pool(teacher.model, teacher.processor, instances, images, max_new_tokens=48)
+    rows = answer_pool(teacher, instances, images, max_new_tokens=48)
     assert [r["id"] for r in rows] == [i.id for i in instances]
     assert all(r["output"] for r in rows)
     assert sum(r["choice"] is not None for r in rows) >= len(rows) // 2  # LEA answers parse
@@ -67,7 +67,7 @@ def test_answer_agreement_never_uses_ground_truth():
 
 def test_likelihood_hardness(teacher, probe):
     instances, images = probe
-    rows = answer_pool(teacher.model, teacher.processor, instances, images, max_new_tokens=48)
+    rows = answer_pool(teacher, instances, images, max_new_tokens=48)
     lp_own = answer_logprobs(teacher.model, teacher.processor, [r["prompt"] for r in rows],
                              images, [r["output"] for r in rows])
     lp_other = answer_logprobs(teacher.model, teacher.processor, [r["prompt"] for r in rows],

@@ -1,9 +1,7 @@
 import json
-from types import SimpleNamespace
 
 import pytest
 
-import mmdc.generation
 from mmdc.cli import main
 from mmdc.data.record import Instance
 from mmdc.openended import read_bench, relative_scores
@@ -25,15 +23,14 @@ class ScriptedJudge:
         self.replies = list(replies)
         self.calls = []
 
-    def __call__(self, model, processor, requests, **kw):
+    def generate(self, requests, **kw):
         self.calls.append((len(requests), kw.get("do_sample")))
         return [self.replies.pop(0) for _ in requests]
 
 
 def _referee(monkeypatch, replies, **kw):
     script = ScriptedJudge(replies)
-    monkeypatch.setattr(mmdc.generation, "generate", script)
-    return JudgeReferee(SimpleNamespace(model=None, processor=None), **kw), script
+    return JudgeReferee(script, **kw), script
 
 
 def test_both_orders_are_averaged(monkeypatch):

@@ -127,7 +127,16 @@ def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, 
     return [h["loss"] for h in history if "loss" in h]
 
 
-def _referee(cfg: Config, teacher_adapter: str | None):
+def _teacher(cfg: Config, teacher_adapter: str | None, run_dir: Path):
+    """The teacher as its configured backend (in-process, a served endpoint or vLLM)."""
+    from mmdc.models.backends import load_backend
+
+    if cfg.teacher.backend == "hf":
+        return _load(cfg.teacher, teacher_adapter)
+    return load_backend(cfg.teacher, cache_dir=run_dir / "cache")
+
+
+def _referee(cfg: Config, teacher_adapter: str | None, run_dir: Path):
     from mmdc.config import ModelConfig
     from mmdc.stages.assess import AnswerAgreement, JudgeReferee, LikelihoodHardness
 
@@ -135,8 +144,10 @@ def _referee(cfg: Config, teacher_adapter: str | None):
     if a.referee == "likelihood":
         return LikelihoodHardness(a.likelihood_threshold)
     if a.referee == "judge":
-        if a.judge in ("teacher", "student"):
-            judge = _load(getattr(cfg, a.judge), teacher_adapter if a.judge == "teacher" else None)
+        if a.judge == "teacher":
+            judge = _teacher(cfg, teacher_adapter, run_dir)
+        elif a.judge == "student":
+            judge = _load(cfg.student, None)
         else:
             judge = _load(ModelConfig(path=a.judge))
         return JudgeReferee(judge, a.judge_threshold, a.judge_retries)
@@ -189,10 +200,10 @@ def run(cfg: Config) -> Path:
         pool = labelled + generated
         # -- the teacher answers the instruction pool (CQM-LEA)
         if f"iter_{k}/teacher_answers" not in state:
-            teacher = _load(cfg.teacher, teacher_adapter)
+            teacher = _teacher(cfg, teacher_adapter, run_dir)
 
             def answer_all(t=teacher, items=pool, k=k):
-                return answer_pool(t.model, t.processor, items, [images(i.image) for i in items],
+                return answer_pool(t, items, [images(i.image) for i in items],
                                    max_new_tokens=cfg.imitate.max_new_tokens,
                                    batch_size=cfg.eval.batch_size,
                                    desc=f"iter {k}: teacher answers")
@@ -228,17 +239,17 @@ def run(cfg: Config) -> Path:
         if f"iter_{k}/assess" not in state:
             p_inst = [i for i in probe.instances if i.choices]
             p_img = [probe.image(i) for i in p_inst]
-            teacher = _load(cfg.teacher, teacher_adapter)
-            t_rows = answer_pool(teacher.model, teacher.processor, p_inst, p_img, fmt="CQM-A",
+            teacher = _teacher(cfg, teacher_adapter, run_dir)
+            t_rows = answer_pool(teacher, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher probes")
             del teacher
             gc.collect()
             student = _load(cfg.student, adapter)
-            s_rows = answer_pool(student.model, student.processor, p_inst, p_img, fmt="CQM-A",
+            s_rows = answer_pool(student, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: student probes")
-            verdicts = _referee(cfg, teacher_adapter).judge(
+            verdicts = _referee(cfg, teacher_adapter, run_dir).judge(
                 p_inst, t_rows, s_rows, student_model=student.model,
                 processor=student.processor, images=p_img)
             del student
@@ -263,7 +274,8 @@ def run(cfg: Config) -> Path:
                     hard, easy = list(pool), []
                 seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free, rng,
                                      cfg.generate.hard_share)
-                teacher, student = _load(cfg.teacher, teacher_adapter), _load(cfg.student, adapter)
+                teacher = _teacher(cfg, teacher_adapter, run_dir)
+                student = _load(cfg.student, adapter)
                 g = cfg.generate
                 accepted, rejected, report = generate_instances(
                     teacher, student, seeds, images, existing=pool + probe.instances,
@@ -294,10 +306,10 @@ def run(cfg: Config) -> Path:
         # -- evaluate on the held-out test split
         if f"iter_{k}/evaluate" not in state:
             metrics = {}
-            for role, mcfg, ad in (("teacher", cfg.teacher, teacher_adapter),
-                                   ("student", cfg.student, adapter)):
-                loaded = _load(mcfg, ad)
-                res = evaluate(loaded.model, loaded.processor, test, fmt=cfg.eval.prompt,
+            for role in ("teacher", "student"):
+                loaded = (_teacher(cfg, teacher_adapter, run_dir) if role == "teacher"
+                          else _load(cfg.student, adapter))
+                res = evaluate(loaded, test, fmt=cfg.eval.prompt,
                                batch_size=cfg.eval.batch_size,
                                max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
                                desc=f"iter {k}: eval {role}")

@@ -110,7 +110,7 @@ def _model_cfg(cfg, which: str):
 
 def cmd_eval_open_ended(args, cfg) -> int:
     from mmdc.data.pool import write_json, write_jsonl
-    from mmdc.models.load import load_configured
+    from mmdc.models.backends import load_backend
     from mmdc.openended import evaluate_open_ended, format_relative, read_bench
     from mmdc.stages.assess import JudgeReferee
 
@@ -118,13 +118,13 @@ def cmd_eval_open_ended(args, cfg) -> int:
         raise MmdcError("--questions needs --references (the reference answers JSONL)")
     rows = read_bench(args.questions, args.references)
     _, jcfg = _model_cfg(cfg, args.judge)
-    judge = load_configured(jcfg)
+    judge = load_backend(jcfg)
     referee = JudgeReferee(judge, max_new_tokens=cfg.eval.max_new_tokens)
     out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
     image_root = Path(args.images or Path(args.questions).parent)
     for which in args.model:
         name, mcfg = _model_cfg(cfg, which)
-        cand = load_configured(mcfg)
+        cand = load_backend(mcfg)
         scores, samples = evaluate_open_ended(cand, referee, rows, image_root)
         write_json(out_dir / f"{name}_openended.json", scores)
         write_jsonl(out_dir / f"{name}_openended_samples.jsonl", samples)
@@ -137,7 +137,7 @@ def cmd_eval(args) -> int:
     from mmdc.config import save_resolved
     from mmdc.data.load import load_split
     from mmdc.evaluation import evaluate, format_columns, format_skills
-    from mmdc.models.load import load_configured
+    from mmdc.models.backends import load_backend
 
     cfg = _load_cfg(args)
     if args.questions:
@@ -150,8 +150,8 @@ def cmd_eval(args) -> int:
     columns, skills = {}, {}
     for which in args.model:
         name, mcfg = _model_cfg(cfg, which)
-        loaded = load_configured(mcfg)
-        result = evaluate(loaded.model, loaded.processor, split, fmt=cfg.eval.prompt,
+        generator = load_backend(mcfg)  # a served teacher (backend openai) evaluates too
+        result = evaluate(generator, split, fmt=cfg.eval.prompt,
                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                           limit=cfg.eval.limit, desc=f"eval {name}")
         result.save(out_dir, f"{name}_{split_name}")

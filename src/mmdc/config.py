@@ -49,6 +49,17 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
+    # how the model generates: hf (in-process transformers), openai (any OpenAI-compatible
+    # chat-completions server: vLLM, SGLang, TGI, `mmdc serve`, hosted APIs) or vllm
+    # (offline vllm.LLM, GPU, `pip install mmdc[vllm]`). Only the teacher (and a judge) may
+    # use openai/vllm: the student is trained in-process.
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    endpoint: str | None = None  # openai: the base URL, e.g. http://127.0.0.1:8000/v1
+    served_name: str | None = None  # openai: the model name on the server (default: path)
+    api_key_env: str | None = None  # openai: the environment variable holding the API key
+    concurrency: int = Field(8, ge=1)  # openai: requests in flight
+    timeout: float = Field(120.0, gt=0)  # openai: seconds per request
+    max_retries: int = Field(5, ge=0)  # openai: retries (with backoff) on 429/5xx/timeouts
 
 
 class EvalConfig(_Section):
@@ -106,7 +117,7 @@ class GenerateConfig(_Section):
     tau: float = Field(0.6, ge=0.0, le=1.0)  # minimum agreement to keep an instance
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
     challenge: bool = True  # drop instances the student already answers like the teacher
-    temperature: float = Field(0.7, gt=0.0)
+    temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
     max_new_tokens: int = Field(128, ge=8)
     # keep at most this many accepted instances per iteration (0: no limit); the rest are
     # dropped as over_budget. Comparing strategies at an equal generation budget uses it.
@@ -245,10 +256,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = apply_overrides(data, overrides)
         source += " (with overrides)"
     try:
-        return Config.model_validate(_merge(Config().model_dump(), data))
+        cfg = Config.model_validate(_merge(Config().model_dump(), data))
     except ValidationError as err:
         _raise_from(err, source)
         raise  # unreachable
+    check_consistent(cfg, source)
+    return cfg
+
+
+def check_consistent(cfg: Config, source: str = "config") -> None:
+    """Combinations of keys that cannot work together, each named."""
+    if cfg.student.backend != "hf":
+        raise ConfigError(f"{source}: key 'student.backend': the student is trained "
+                          f"in-process and must use backend hf (got {cfg.student.backend!r})")
+    m = cfg.teacher
+    if m.backend == "openai" and not m.endpoint:
+        raise ConfigError(f"{source}: key 'teacher.endpoint': backend openai needs the "
+                          "server's base URL (e.g. http://127.0.0.1:8000/v1)")
+    if m.backend != "hf":
+        needs_weights = []
+        if "teacher" in cfg.align.roles:
+            needs_weights.append("align.roles contains teacher")
+        if cfg.imitate.kd != "none":
+            needs_weights.append(f"imitate.kd={cfg.imitate.kd}")
+        if cfg.loop.self_improve:
+            needs_weights.append("loop.self_improve=true")
+        if m.adapter:
+            needs_weights.append("teacher.adapter is set (serve the adapter instead: "
+                                 "mmdc serve PATH --adapter DIR)")
+        if needs_weights:
+            raise ConfigError(f"{source}: key 'teacher.backend': {m.backend} serves "
+                              f"generations only, but {'; '.join(needs_weights)} needs the "
+                              "teacher's weights in-process (use backend hf)")
 
 
 def config_to_yaml(cfg: Config) -> str:

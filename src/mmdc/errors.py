@@ -24,3 +24,7 @@ class ModelError(MmdcError):
 
 class TrainingError(MmdcError):
     """Training went wrong in a way the user must act on (a diverged loss, say)."""
+
+
+class BackendError(MmdcError):
+    """A teacher backend (a served endpoint, vLLM) failed after its retries."""

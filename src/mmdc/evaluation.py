@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mmdc.data.pool import write_json, write_jsonl
 from mmdc.data.record import LETTERS, Instance
-from mmdc.generation import Request, generate
+from mmdc.generation import Request
 from mmdc.prompts import build_prompt, parse_answer
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class EvalResult:
         return paths
 
 
-def evaluate(model, processor, split, *, fmt: str = "CQM-A", batch_size: int = 64,
+def evaluate(generator, split, *, fmt: str = "CQM-A", batch_size: int = 64,
              max_new_tokens: int = 8, limit: int | None = None, desc: str = "eval") -> EvalResult:
     """Answer every instance of a :class:`~mmdc.data.load.Split` and score it."""
     instances = [i for i in split.instances if i.answer is not None and i.choices]
@@ -141,8 +141,8 @@ def evaluate(model, processor, split, *, fmt: str = "CQM-A", batch_size: int = 6
         split.image(inst)
     prompts = [build_prompt(i, fmt) for i in instances]
     requests = [Request(p, split.image(i)) for p, i in zip(prompts, instances)]
-    outputs = generate(model, processor, requests, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, desc=desc)
+    outputs = generator.generate(requests, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, desc=desc)
     preds = [parse_answer(o, len(i.choices)) for o, i in zip(outputs, instances)]
     return EvalResult(instances, prompts, outputs, preds,
                       column_scores(instances, preds), skill_scores(instances, preds))

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 class Request:
     prompt: str  # the user text
     image: Image.Image | None = None
+    # the whole prompt already rendered with the chat template (``mmdc serve`` passes a
+    # client's conversation this way); when set, ``prompt`` is not templated again
+    text: str | None = None
 
 
 def chat_text(processor, prompt: str, has_image: bool, answer: str | None = None) -> str:
@@ -37,7 +40,8 @@ def chat_text(processor, prompt: str, has_image: bool, answer: str | None = None
 
 
 def encode_batch(processor, requests: list[Request], padding_side: str = "left") -> dict:
-    texts = [chat_text(processor, r.prompt, r.image is not None) for r in requests]
+    texts = [r.text if r.text is not None else chat_text(processor, r.prompt, r.image is not None)
+             for r in requests]
     images = [r.image.convert("RGB") for r in requests if r.image is not None]
     tokenizer = processor.tokenizer
     old_side = tokenizer.padding_side
@@ -69,6 +73,8 @@ def generate(model, processor, requests: list[Request], *, max_new_tokens: int =
     """Generate one completion per request; returns decoded texts in request order."""
     if not requests:
         return []
+    if do_sample and temperature <= 0:  # temperature 0 means greedy, as in the OpenAI API
+        do_sample = False
     tokenizer = processor.tokenizer
     order = sorted(range(len(requests)),
                    key=lambda i: (requests[i].image is None, len(requests[i].prompt)))

@@ -14,7 +14,7 @@ from pathlib import Path
 from mmdc.data.images import load_image
 from mmdc.data.pool import read_jsonl
 from mmdc.errors import DataError
-from mmdc.generation import Request, generate
+from mmdc.generation import Request
 
 
 def read_bench(questions: str | Path, references: str | Path) -> list[dict]:
@@ -66,9 +66,9 @@ def evaluate_open_ended(candidate, judge_referee, rows: list[dict], image_root: 
                         max_new_tokens: int = 128, batch_size: int = 16) -> tuple[dict, list[dict]]:
     images = [load_image(image_root, r["image"], f"question {r['question_id']!r}")
               if r.get("image") else None for r in rows]
-    answers = generate(candidate.model, candidate.processor,
-                       [Request(r["text"], img) for r, img in zip(rows, images)],
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc="answer")
+    answers = candidate.generate([Request(r["text"], img) for r, img in zip(rows, images)],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 desc="answer")
     pairs = judge_referee.score_pairs([r["text"] for r in rows], images,
                                       [r["reference"] for r in rows], answers)
     samples = [{"question_id": r["question_id"], "category": r["category"], "answer": a,

@@ -62,9 +62,18 @@ class Loaded:
     processor: object
     path: Path
 
+    name = "hf"
+
     @property
     def tokenizer(self):
         return self.processor.tokenizer
+
+    def generate(self, requests, **kwargs) -> list[str]:
+        """The ``hf`` backend: batched in-process generation (see
+        :func:`mmdc.generation.generate` for the keyword arguments)."""
+        from mmdc.generation import generate
+
+        return generate(self.model, self.processor, requests, **kwargs)
 
 
 def load_processor(path: str, trust_remote_code: bool = False):

@@ -142,18 +142,18 @@ class JudgeReferee:
         self.unparsable = 0
 
     def _ask(self, prompts: list[str], images: list) -> list[tuple[float, float] | None]:
-        from mmdc.generation import Request, generate
+        from mmdc.generation import Request
 
         result: list[tuple[float, float] | None] = [None] * len(prompts)
         todo = list(range(len(prompts)))
         for attempt in range(self.retries + 1):
             if not todo:
                 break
-            outs = generate(self.judge_model.model, self.judge_model.processor,
-                            [Request(prompts[i], images[i]) for i in todo],
-                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                            do_sample=attempt > 0, temperature=0.7, seed=attempt,
-                            desc="judge", progress=False)
+            outs = self.judge_model.generate(
+                [Request(prompts[i], images[i]) for i in todo],
+                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                do_sample=attempt > 0, temperature=0.7, seed=attempt, desc="judge",
+                progress=False)
             for i, out in zip(todo, outs):
                 result[i] = parse_scores(out)
             todo = [i for i in todo if result[i] is None]

@@ -132,18 +132,19 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                        max_accepted: int = 0) -> tuple[list[Instance], list[dict], GenerationReport]:
     """Write, parse, filter and verify new instances.
 
-    ``teacher`` and ``student`` are :class:`~mmdc.models.load.Loaded`; ``load_image`` maps a
+    ``teacher`` and ``student`` are backends (:mod:`mmdc.models.backends`; the student an
+    in-process :class:`~mmdc.models.load.Loaded`); ``load_image`` maps a
     relative image path to a PIL image. Returns (accepted, rejected rows with their drop
     reason, report)."""
-    from mmdc.generation import Request, generate
+    from mmdc.generation import Request
     from mmdc.prompts import build_prompt, parse_answer
 
     report = GenerationReport(asked=len(seeds))
     images = [load_image(s.image) if s.image else None for s in seeds]
-    texts = generate(teacher.model, teacher.processor,
-                     [Request(write_prompt(s), img) for s, img in zip(seeds, images)],
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=True,
-                     temperature=temperature, seed=seed, desc="teacher writes")
+    texts = teacher.generate([Request(write_prompt(s), img) for s, img in zip(seeds, images)],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             do_sample=temperature > 0, temperature=temperature, seed=seed,
+                             desc="teacher writes")
     rejected: list[dict] = []
     dup = DuplicateFilter(existing, rouge_threshold)
     candidates: list[tuple[Instance, object]] = []
@@ -168,9 +169,9 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
         return [], rejected, report
     # self-consistency: k sampled rationale answers from the teacher
     requests = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in candidates for _ in range(k)]
-    samples = generate(teacher.model, teacher.processor, requests, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, do_sample=True, temperature=temperature,
-                       seed=seed + 1, desc="teacher verifies")
+    samples = teacher.generate(requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               do_sample=temperature > 0, temperature=temperature,
+                               seed=seed + 1, desc="teacher verifies")
     verified: list[tuple[Instance, object]] = []
     for j, (inst, img) in enumerate(candidates):
         votes = [parse_answer(t, len(inst.choices)) for t in samples[j * k:(j + 1) * k]]
@@ -185,9 +186,8 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
         verified.append((inst, img))
     accepted = verified
     if challenge and verified:
-        outs = generate(student.model, student.processor,
-                        [Request(build_prompt(i, "CQM-A"), img) for i, img in verified],
-                        max_new_tokens=8, batch_size=batch_size, desc="student tries")
+        outs = student.generate([Request(build_prompt(i, "CQM-A"), img) for i, img in verified],
+                                max_new_tokens=8, batch_size=batch_size, desc="student tries")
         accepted = []
         for (inst, img), out in zip(verified, outs):
             if parse_answer(out, len(inst.choices)) == inst.answer:

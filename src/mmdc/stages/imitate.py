@@ -13,19 +13,21 @@ from pathlib import Path
 
 from mmdc.data.pool import read_jsonl, write_jsonl
 from mmdc.data.record import LETTERS, Instance
-from mmdc.generation import Request, generate
+from mmdc.generation import Request
 from mmdc.prompts import build_prompt, parse_answer
 
 log = logging.getLogger(__name__)
 
 
-def answer_pool(model, processor, instances: list[Instance], images: list, *,
+def answer_pool(generator, instances: list[Instance], images: list, *,
                 fmt: str = "CQM-LEA", batch_size: int = 32, max_new_tokens: int = 64,
                 desc: str = "answer") -> list[dict]:
-    """Answer every instance; rows with id, prompt, output and the parsed choice."""
+    """Answer every instance; rows with id, prompt, output and the parsed choice.
+    ``generator`` is any backend (:mod:`mmdc.models.backends`)."""
     prompts = [build_prompt(i, fmt) for i in instances]
-    outputs = generate(model, processor, [Request(p, img) for p, img in zip(prompts, images)],
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    outputs = generator.generate([Request(p, img) for p, img in zip(prompts, images)],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 desc=desc)
     rows = []
     for inst, prompt, out in zip(instances, prompts, outputs):
         choice = parse_answer(out, len(inst.choices))
