@@ -59,8 +59,11 @@ class RunState:
         log.info("finished step %s", step)
 
 
-# Keys that no finished step depends on: a resume may change them (add iterations, say).
-RESUME_SAFE_KEYS = ("run_dir", "loop.iterations", "eval.batch_size")
+# Keys that no finished step depends on: a resume may change them (add iterations, say;
+# or point at the teacher's server where it now runs).
+RESUME_SAFE_KEYS = ("run_dir", "loop.iterations", "eval.batch_size", "teacher.endpoint",
+                    "teacher.api_key_env", "teacher.concurrency", "teacher.timeout",
+                    "teacher.max_retries")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

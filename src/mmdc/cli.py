@@ -249,6 +249,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from mmdc.serve import serve
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise MmdcError(f"--token-env: the environment variable {args.token_env} is not set")
+    serve(args.checkpoint, adapter=args.adapter, name=args.name, host=args.host,
+          port=args.port, token=token, max_bytes=int(args.max_request_mb * 1024 * 1024),
+          max_images=args.max_images, max_batch=args.max_batch,
+          max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The built-in default end to end: the synthetic task, the toy teacher and student,
     alignment and the calibration loop, evaluated and reported per iteration."""
@@ -344,6 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("paths", nargs="*", help="model folders or builtin:NAME "
                       "(default: the toy teacher and student)")
     info.set_defaults(func=cmd_models_info)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server for a "
+                         "checkpoint (e.g. the exported student, or a teacher for "
+                         "teacher.backend=openai)")
+    srv.add_argument("checkpoint", help="a save_pretrained folder or builtin:NAME")
+    srv.add_argument("--adapter", default=None, help="a PEFT adapter folder to apply")
+    srv.add_argument("--name", default=None, help="the model id clients send "
+                     "(default: the checkpoint argument)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--token-env", default=None, metavar="VAR", help="require "
+                     "'Authorization: Bearer $VAR' (the token is read from this variable)")
+    srv.add_argument("--max-request-mb", type=float, default=8.0, help="413 above this")
+    srv.add_argument("--max-images", type=int, default=1, help="images per request")
+    srv.add_argument("--max-batch", type=int, default=16, help="concurrent requests "
+                     "generated together")
+    srv.add_argument("--max-new-tokens", type=int, default=1024, help="the largest max_tokens "
+                     "a request may ask")
+    srv.add_argument("--dtype", default="float32",
+                     choices=["float32", "bfloat16", "float16", "auto"])
+    srv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the built-in default end to end on CPU")
     _config_args(demo)

@@ -146,7 +146,7 @@ class OpenAIBackend:
                                   None if seed is None else seed + i)
             key = hashlib.sha256(json.dumps([self.model, messages, params],
                                             sort_keys=True).encode()).hexdigest()
-            hit = self.cache.get(key) if self.cache else None
+            hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
                 outputs[i] = hit
             else:
@@ -157,7 +157,7 @@ class OpenAIBackend:
         def run(job):
             i, key, messages, params = job
             text = self._complete(messages, params)
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put(key, text)
             outputs[i] = text
             bar.update(1)
@@ -191,7 +191,7 @@ class OpenAIBackend:
                    if not isinstance(exc, o.APIStatusError) or exc.status_code in (408, 409, 429)
                    or exc.status_code >= 500 else "")
         kept = (f"; {done} of {total} responses kept in {self.cache.path}, a rerun resumes"
-                if self.cache else "")
+                if self.cache is not None else "")
         return BackendError(f"teacher endpoint {self.endpoint} (model {self.model}): "
                             f"{what}{retried}{kept}")
 

@@ -1,0 +1,298 @@
+"""`mmdc serve` on a loopback port and the `openai` teacher backend against it: auth,
+limits, equality with the in-process backend, one calibration iteration through it, and
+a fault-injecting proxy (500s, timeouts, a dead endpoint)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mmdc.cli import main
+from mmdc.data import synthetic
+from mmdc.errors import BackendError
+from mmdc.generation import Request
+from mmdc.models.backends import OpenAIBackend, image_data_url
+from mmdc.prompts import build_prompt
+
+from .conftest import small_data_overrides
+
+TOKEN_ENV = "MMDC_TEST_SERVE_TOKEN"
+TOKEN = "s3cret-test-token-7f1c"
+NAME = "toy-teacher"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = dict(os.environ, **{TOKEN_ENV: TOKEN})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmdc", "serve", "builtin:teacher", "--name", NAME,
+         "--port", str(port), "--token-env", TOKEN_ENV, "--max-request-mb", "1",
+         "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if call(url, "/v1/models")[0] == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mmdc serve did not start:\n{proc.communicate()[0]}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    out = []
+    for inst, img in synthetic.generate_split("test", 10, 0):
+        out.append(Request(build_prompt(inst, "CQM-LEA"), img))
+    return out
+
+
+def backend(url: str, **kw) -> OpenAIBackend:
+    os.environ[TOKEN_ENV] = TOKEN
+    kw.setdefault("api_key_env", TOKEN_ENV)
+    return OpenAIBackend(url + "/v1", NAME, **kw)
+
+
+def test_models_route_needs_the_token(server):
+    status, body = call(server, "/v1/models")
+    assert status == 200 and body["data"][0]["id"] == NAME
+    for token in (None, "wrong"):
+        status, body = call(server, "/v1/models", token=token)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+
+
+def _image_url(color=(255, 0, 0)):
+    from PIL import Image
+
+    return image_data_url(Image.new("RGB", (32, 32), color))
+
+
+@pytest.mark.parametrize("case,status,words", [
+    ("oversized", 413, "over the limit"),
+    ("two_images", 400, "at most 1"),
+    ("http_image", 400, "data: URLs"),
+    ("not_an_image", 400, "not a readable image"),
+    ("stream", 400, "streaming"),
+    ("other_model", 404, "not found"),
+    ("not_json", 400, "not JSON"),
+    ("no_messages", 400, "messages"),
+    ("too_many_tokens", 400, "max_tokens"),
+])
+def test_bad_requests_get_a_clear_4xx(server, case, status, words):
+    msg = {"role": "user", "content": "What color is the circle?"}
+    body = {"model": NAME, "messages": [msg], "max_tokens": 8}
+    raw = None
+    if case == "oversized":
+        body["messages"][0]["content"] = "x" * (1024 * 1024 + 10)
+    elif case in ("two_images", "http_image", "not_an_image"):
+        urls = {"two_images": [_image_url(), _image_url()],
+                "http_image": ["http://example.com/a.png"],
+                "not_an_image": ["data:image/png;base64,aGVsbG8="]}[case]
+        body["messages"][0]["content"] = [
+            *({"type": "image_url", "image_url": {"url": u}} for u in urls),
+            {"type": "text", "text": "What color?"}]
+    elif case == "stream":
+        body["stream"] = True
+    elif case == "other_model":
+        body["model"] = "gpt-x"
+    elif case == "not_json":
+        raw = b"{not json"
+    elif case == "no_messages":
+        body["messages"] = []
+    elif case == "too_many_tokens":
+        body["max_tokens"] = 100000
+    got, reply = call(server, "/v1/chat/completions", body, raw=raw)
+    assert got == status and words in reply["error"]["message"]
+
+
+def test_openai_backend_matches_the_hf_backend(server, requests_):
+    from mmdc.models.load import load_model
+
+    served = backend(server).generate(requests_, max_new_tokens=48)
+    local = load_model("builtin:teacher", device="cpu").generate(requests_, max_new_tokens=48,
+                                                                 progress=False)
+    assert served == local and all(served)
+    # seeded samples do not depend on what else is in flight
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.0, seed=5)
+    one = backend(server, concurrency=1).generate(requests_, **kw)
+    many = backend(server, concurrency=8).generate(requests_, **kw)
+    assert one == many
+
+
+def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_path):
+    from .test_run import TINY
+
+    data = small_data_overrides(tmp_path / "data")
+    greedy = [*TINY, "generate.temperature=0"]
+    assert main(["run", f"run_dir={tmp_path / 'hf'}", *data, *greedy]) == 0
+    served = ["teacher.backend=openai", f"teacher.endpoint={server}/v1",
+              f"teacher.served_name={NAME}", f"teacher.api_key_env={TOKEN_ENV}"]
+    os.environ[TOKEN_ENV] = TOKEN
+    assert main(["run", f"run_dir={tmp_path / 'openai'}", *data, *greedy, *served]) == 0
+    for name in ("teacher_answers.jsonl", "teacher_probe_answers.jsonl",
+                 "generated_accepted.jsonl", "metrics.json", "assessment.jsonl"):
+        a = (tmp_path / "hf" / "iter_1" / name).read_text()
+        b = (tmp_path / "openai" / "iter_1" / name).read_text()
+        assert a == b, name
+    cache = list((tmp_path / "openai" / "cache").glob("openai-*.jsonl"))
+    assert len(cache) == 1 and cache[0].stat().st_size > 0
+    # the key is read from the environment and written nowhere
+    for path in (tmp_path / "openai").rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+class FaultProxy:
+    """A loopback proxy in front of the server that fails requests as ``plan(n)`` says:
+    "pass", "500" or "hang" (answer nothing for ``hang_s``), for the n-th request."""
+
+    def __init__(self, target: str, plan, hang_s: float = 3.0):
+        self.target, self.plan, self.hang_s = target, plan, hang_s
+        self.seen = 0
+        self.forwarded = 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    n = proxy.seen
+                    proxy.seen += 1
+                action = proxy.plan(n)
+                if action == "hang":
+                    time.sleep(proxy.hang_s)
+                    return
+                if action == "500":
+                    self._send(500, b'{"error": {"message": "injected failure"}}')
+                    return
+                req = urllib.request.Request(proxy.target + self.path, data=body,
+                                             headers={"Content-Type": "application/json",
+                                                      "Authorization": self.headers.get(
+                                                          "Authorization", "")})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    payload = resp.read()
+                with lock:
+                    proxy.forwarded += 1
+                self._send(200, payload)
+
+            def _send(self, status, payload):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_backend_retries_through_500s_and_timeouts(server, requests_):
+    want = backend(server).generate(requests_[:4], max_new_tokens=24)
+    plan = {0: "500", 1: "500", 2: "hang"}
+    proxy = FaultProxy(server, lambda n: plan.get(n, "pass"))
+    try:
+        got = backend(proxy.url, concurrency=1, timeout=1.0, max_retries=4).generate(
+            requests_[:4], max_new_tokens=24)
+    finally:
+        proxy.close()
+    assert got == want and proxy.seen == 7 and proxy.forwarded == 4
+
+
+def test_dead_endpoint_is_a_clear_error_and_nothing_answered_is_lost(server, requests_,
+                                                                      tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    proxy = FaultProxy(server, lambda n: "pass" if n < 3 else "500")
+    try:
+        with pytest.raises(BackendError) as err:
+            backend(proxy.url, concurrency=1, max_retries=1, cache=cache).generate(
+                requests_[:6], max_new_tokens=24)
+    finally:
+        proxy.close()
+    msg = str(err.value)
+    assert proxy.url in msg and "HTTP 500" in msg and "3 of 6 responses kept" in msg
+    assert len(cache.read_text().splitlines()) == 3
+    # the rerun asks the (now healthy) endpoint only for what it lacks
+    counter = FaultProxy(server, lambda n: "pass")
+    try:
+        got = backend(counter.url, cache=cache).generate(requests_[:6], max_new_tokens=24)
+    finally:
+        counter.close()
+    assert counter.forwarded == 3
+    assert got == backend(server).generate(requests_[:6], max_new_tokens=24)
+
+
+def test_run_with_an_unreachable_teacher_fails_in_one_line(tmp_path, capsys):
+    data = small_data_overrides(tmp_path / "data")
+    from .test_run import TINY
+
+    args = ["run", f"run_dir={tmp_path / 'run'}", *data, *TINY, "teacher.backend=openai",
+            f"teacher.endpoint=http://127.0.0.1:{free_port()}/v1", "teacher.max_retries=0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars, then the error
+    mine = [line for line in err if line.startswith("mmdc:")]
+    assert mine == [err[-1]] and "Traceback" not in "\n".join(err)
+    assert "cannot connect" in mine[0] and "127.0.0.1" in mine[0]
+    # the alignment finished before the teacher was needed is kept
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["done"] == ["align"]
+
+
+def test_backends_that_need_weights_are_refused_by_name(capsys):
+    base = ["run", "teacher.backend=openai", "teacher.endpoint=http://127.0.0.1:1/v1"]
+    for extra, words in ((["imitate.kd=forward_kl"], "imitate.kd=forward_kl"),
+                         (["loop.self_improve=true"], "loop.self_improve"),
+                         (["align.roles=[student,teacher]"], "align.roles")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert "teacher.backend" in err and words in err
+    assert main(["run", "teacher.backend=openai"]) == 2  # no endpoint
+    assert "teacher.endpoint" in capsys.readouterr().err
+    assert main(["run", "student.backend=openai"]) == 2
+    assert "student.backend" in capsys.readouterr().err
