@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,12 @@ log = logging.getLogger("mmdc")
 
 
 def setup_logging(verbose: bool = False) -> None:
+    from mmdc import distributed
+
     level = logging.DEBUG if verbose else logging.INFO
+    if not distributed.is_main():  # one process reports; the others speak only of trouble
+        level = logging.WARNING
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
@@ -195,19 +201,23 @@ def cmd_models_info(args) -> int:
 
 
 def cmd_align(args) -> int:
+    from mmdc import distributed
     from mmdc.config import save_resolved
     from mmdc.data.pool import write_json
     from mmdc.stages.align import run_align
 
     cfg = _load_cfg(args)
     run_dir = Path(cfg.run_dir)
-    save_resolved(cfg, run_dir)
+    if distributed.is_main():
+        save_resolved(cfg, run_dir)
     for role in cfg.align.roles:
         out = run_dir / "align" / role
         summary = run_align(cfg, role, out)
-        write_json(out / "metrics.json", summary)
-        print(f"aligned {role}: {summary['instances']} instances, {summary['steps']} steps, "
-              f"final loss {summary['losses'][-1]:.4f} -> {summary['adapter']}")
+        if distributed.is_main():
+            write_json(out / "metrics.json", summary)
+            print(f"aligned {role}: {summary['instances']} instances, {summary['steps']} "
+                  f"steps, final loss {summary['losses'][-1]:.4f} -> {summary['adapter']}")
+    distributed.barrier()
     return 0
 
 
@@ -404,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = _install_sigterm(on_sigterm)
     try:
+        _check_processes(args)
         return args.func(args)
     except MmdcError as exc:
         print(f"mmdc: error: {exc}", file=sys.stderr)
@@ -415,6 +426,23 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if terminated else 130
     finally:
         _install_sigterm(previous)
+
+
+# Commands that run as several processes (torchrun / accelerate launch); the calibration
+# loop's generation and evaluation are not sharded across ranks yet.
+MULTI_PROCESS_COMMANDS = ("align",)
+
+
+def _check_processes(args) -> None:
+    from mmdc import distributed
+
+    if distributed.world_size() == 1:
+        return
+    if args.command not in MULTI_PROCESS_COMMANDS:
+        raise MmdcError(f"mmdc {args.command} runs in one process; of the commands only "
+                        f"{', '.join(MULTI_PROCESS_COMMANDS)} runs under torchrun/accelerate "
+                        f"launch so far (got WORLD_SIZE={distributed.world_size()})")
+    distributed.init()
 
 
 def _install_sigterm(handler):

@@ -90,7 +90,13 @@ def load_split(data_cfg, split: str, cache_dir: str | Path | None = None) -> Spl
     fmt = data_cfg.format
     root = Path(data_cfg.root)
     if fmt == "synthetic":
-        ensure_synthetic(root, data_cfg.synth)
+        from mmdc import distributed
+
+        if distributed.is_main():  # one process writes it, the others wait
+            ensure_synthetic(root, data_cfg.synth)
+        distributed.barrier()
+        if not distributed.is_main():
+            ensure_synthetic(root, data_cfg.synth)  # checks what rank 0 wrote
         return Split(split, root, read_scienceqa(root, split))
     if fmt == "scienceqa":
         return Split(split, root, read_scienceqa(root, split))

@@ -90,31 +90,47 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
+    from mmdc import distributed
+
     out_dir = Path(out_dir)
+    cpu = not torch.cuda.is_available()
+    multi = distributed.world_size() > 1
     args = SFTConfig(
-        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=settings.batch_size,
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=distributed.per_device_batch(settings.batch_size),
         gradient_accumulation_steps=settings.grad_accum, max_steps=settings.max_steps,
         learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
         lr_scheduler_type="cosine", logging_steps=min(settings.logging_steps, settings.max_steps),
         save_strategy="no",
         report_to="none",
         seed=seed, data_seed=seed, max_length=settings.max_length,
-        completion_only_loss=True, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        completion_only_loss=True, remove_unused_columns=False, use_cpu=cpu,
+        ddp_backend="gloo" if cpu and multi else None,
+        ddp_find_unused_parameters=False if multi else None,
         dataloader_num_workers=0, disable_tqdm=False, bf16=False,
         logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
     )
-    writer = SummaryWriter(log_dir=str(logging_dir or out_dir / "tensorboard"))
-    tensorboard = TensorBoardCallback(tb_writer=writer)
+    callbacks = [_non_finite_loss_guard(str(out_dir))]
+    writer = None
+    if distributed.is_main():  # one event file, written by rank 0
+        writer = SummaryWriter(log_dir=str(logging_dir or out_dir / "tensorboard"))
+        callbacks.insert(0, TensorBoardCallback(tb_writer=writer))
     trainer = (trainer_class or SFTTrainer)(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
-        callbacks=[tensorboard, _non_finite_loss_guard(str(out_dir))], **trainer_kwargs)
+        callbacks=callbacks, **trainer_kwargs)
     try:
         trainer.train()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     history = trainer.state.log_history
-    model.save_pretrained(out_dir)
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # nothing is saved there
+    # under several processes every rank takes part in gathering the weights (FSDP and
+    # ZeRO-3 shard them); rank 0 writes the adapter, which PEFT filters out of the state
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if multi else None
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out_dir, state_dict=state)
+        shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # nothing is saved there
+    trainer.accelerator.wait_for_everyone()
     return history
 
 

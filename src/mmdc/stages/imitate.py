@@ -99,7 +99,17 @@ def kd_trainer_class():
         def __init__(self, *args, teacher_model=None, beta=0.5, temperature=1.0, weight=0.5,
                      **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher_model = teacher_model.eval()
+            teacher_model.eval()
+            # the frozen teacher goes where the student's ranks are: a DeepSpeed inference
+            # engine under ZeRO (sharded like the student under ZeRO-3), else accelerate's
+            # evaluation-mode preparation (device placement, FSDP wrapping)
+            if self.is_deepspeed_enabled:
+                from trl.models import prepare_deepspeed
+
+                self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+            else:
+                self.teacher_model = self.accelerator.prepare_model(teacher_model,
+                                                                    evaluation_mode=True)
             self.kd_beta, self.kd_temperature, self.kd_weight = beta, temperature, weight
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,0 +1,85 @@
+"""Several processes: a training stage under torchrun (2 CPU ranks over gloo) gives the
+1-process adapter for the same global batch, and a run folder with the same files; the
+shipped accelerate / DeepSpeed configs parse and name a command that runs distributed."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmdc.cli import MULTI_PROCESS_COMMANDS, main
+
+from .conftest import small_data_overrides
+
+ACCELERATE_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob(
+    "*.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def files(run_dir: Path) -> list[str]:
+    return sorted(re.sub(r"events\.out\.tfevents\..*", "EVENTS", str(p.relative_to(run_dir)))
+                  for p in run_dir.rglob("*") if p.is_file())
+
+
+def test_align_on_two_processes_matches_one(synth_root, tmp_path):
+    from safetensors.torch import load_file
+
+    args = [f"data.root={synth_root}", *small_data_overrides(synth_root)[1:],
+            "align.train.max_steps=4", "align.train.batch_size=8", "align.train.logging_steps=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    one = subprocess.run([sys.executable, "-m", "mmdc", "align", f"run_dir={tmp_path / 'one'}",
+                          *args], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                          "2", "--master_port", str(free_port()), "-m", "mmdc", "align",
+                          f"run_dir={tmp_path / 'two'}", *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("aligned student") == 1  # rank 0 reports, once
+    a = load_file(tmp_path / "one/align/student/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "two/align/student/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    assert any((a[k].abs() > 0).any() for k in a if "lora_B" in k)  # it did train
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_commands_not_yet_distributed_refuse_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one process" in err and "align" in err
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_accelerate_configs_parse_and_name_a_distributed_command(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    kind = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+            "deepspeed_zero3": "DEEPSPEED"}[path.stem]
+    assert cfg.distributed_type.value == kind
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_use_orig_params"] is True  # LoRA: frozen + trainable
+    launch = [line for line in path.read_text().splitlines() if "accelerate launch" in line]
+    assert len(launch) == 1
+    words = launch[0].lstrip("# ").split()
+    assert words[words.index("--config_file") + 1] == f"configs/accelerate/{path.name}"
+    assert words[words.index("-m") + 1] == "mmdc"
+    assert words[words.index("-m") + 2] in MULTI_PROCESS_COMMANDS
+    assert (Path(__file__).parent.parent / words[-1]).is_file()  # the mmdc config it names
