@@ -56,10 +56,59 @@ def test_align_on_two_processes_matches_one(synth_root, tmp_path):
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
-def test_commands_not_yet_distributed_refuse_in_one_line(monkeypatch, capsys):
+def _close(a, b, where=""):
+    """JSON values equal, floats to 1e-5 (2 ranks average a loss in another order)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), where
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_run_on_two_processes_writes_the_one_process_run_folder(synth_root, tmp_path):
+    """The whole loop under torchrun: training data-parallel, generation and evaluation
+    sharded and gathered, rank 0 writing. Greedy generation (generate.temperature=0)."""
+    import json
+
+    from .test_run import TINY
+
+    args = [f"data.root={synth_root}", *small_data_overrides(synth_root)[1:], *TINY,
+            "generate.temperature=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    one = subprocess.run([sys.executable, "-m", "mmdc", "run", f"run_dir={tmp_path / 'one'}",
+                          *args], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                          "2", "--master_port", str(free_port()), "-m", "mmdc", "run",
+                          f"run_dir={tmp_path / 'two'}", *args], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("run folder:") == 1
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+    def text(run: str, rel: Path) -> str:  # the run folder's own path masked
+        return (tmp_path / run / rel).read_text().replace(str(tmp_path / run), "RUN")
+
+    for path in sorted((tmp_path / "one").rglob("*")):
+        rel = path.relative_to(tmp_path / "one")
+        if path.suffix == ".jsonl":
+            assert text("one", rel) == text("two", rel), rel
+        elif path.suffix == ".json" and rel.name != "adapter_config.json":
+            _close(json.loads(text("one", rel)), json.loads(text("two", rel)), str(rel))
+
+
+def test_commands_that_stay_in_one_process_refuse_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert main(["run"]) == 2
+    assert main(["report", "somewhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "one process" in err and "align" in err
 

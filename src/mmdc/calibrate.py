@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mmdc.config import Config, save_resolved
 from mmdc.data.images import ImageCache
-from mmdc.data.load import load_split, read_image_pool
+from mmdc.data.load import load_split, load_split_collective, read_image_pool
 from mmdc.data.pool import (
     read_jsonl,
     read_pool,
@@ -54,9 +54,15 @@ class RunState:
         return step in self.done
 
     def mark(self, step: str) -> None:
+        """Record a finished step. Under several processes rank 0 writes the file and every
+        rank waits here, so what rank 0 wrote for the step is there for all to read."""
+        from mmdc import distributed
+
         self.done.append(step)
-        write_json(self.path, {"done": self.done, "last": step})
-        log.info("finished step %s", step)
+        if distributed.is_main():
+            write_json(self.path, {"done": self.done, "last": step})
+            log.info("finished step %s", step)
+        distributed.barrier()
 
 
 # Keys that no finished step depends on: a resume may change them (add iterations, say;
@@ -131,12 +137,21 @@ def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, 
 
 
 def _teacher(cfg: Config, teacher_adapter: str | None, run_dir: Path):
-    """The teacher as its configured backend (in-process, a served endpoint or vLLM)."""
+    """The teacher as its configured backend (in-process, a served endpoint or vLLM),
+    its generation shared out over the ranks when there are several."""
+    from mmdc.distributed import Sharded
     from mmdc.models.backends import load_backend
 
     if cfg.teacher.backend == "hf":
-        return _load(cfg.teacher, teacher_adapter)
-    return load_backend(cfg.teacher, cache_dir=run_dir / "cache")
+        return Sharded(_load(cfg.teacher, teacher_adapter))
+    return Sharded(load_backend(cfg.teacher, cache_dir=run_dir / "cache"))
+
+
+def _student(cfg: Config, adapter: str | None):
+    """The student for generation (answers, probes, evaluation), sharded over the ranks."""
+    from mmdc.distributed import Sharded
+
+    return Sharded(_load(cfg.student, adapter))
 
 
 def _referee(cfg: Config, teacher_adapter: str | None, run_dir: Path):
@@ -150,9 +165,11 @@ def _referee(cfg: Config, teacher_adapter: str | None, run_dir: Path):
         if a.judge == "teacher":
             judge = _teacher(cfg, teacher_adapter, run_dir)
         elif a.judge == "student":
-            judge = _load(cfg.student, None)
+            judge = _student(cfg, None)
         else:
-            judge = _load(ModelConfig(path=a.judge))
+            from mmdc.distributed import Sharded
+
+            judge = Sharded(_load(ModelConfig(path=a.judge)))
         return JudgeReferee(judge, a.judge_threshold, a.judge_retries)
     return AnswerAgreement()
 
@@ -172,14 +189,18 @@ def run(cfg: Config) -> Path:
 
     if cfg.imitate.kd != "none":  # fail at start-up, not after hours of work
         check_kd_compatible(cfg.teacher.path, cfg.student.path)
+    from mmdc import distributed
+
+    main = distributed.is_main()  # rank 0 writes the run folder; every rank computes
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, run_dir)
-    save_resolved(cfg, run_dir)
+    if main:
+        save_resolved(cfg, run_dir)
     state = RunState(run_dir)
-    seed_split = load_split(cfg.data, cfg.data.seed_split)
-    probe = load_split(cfg.data, cfg.data.probe_split)
-    test = load_split(cfg.data, cfg.data.test_split)
+    seed_split = load_split_collective(cfg.data, cfg.data.seed_split)
+    probe = load_split_collective(cfg.data, cfg.data.probe_split)
+    test = load_split_collective(cfg.data, cfg.data.test_split)
     images = ImageCache(seed_split.root)
     pool_images = ([r["image"] for r in read_image_pool(seed_split.root, cfg.data.pool)]
                    if cfg.data.pool else [])
@@ -191,7 +212,8 @@ def run(cfg: Config) -> Path:
         if role in cfg.align.roles and f"align/{role}" not in state and not (
                 role == "student" and "align" in state):
             summary = run_align(cfg, role, run_dir / "align" / role)
-            write_json(run_dir / "align" / role / "metrics.json", summary)
+            if main:
+                write_json(run_dir / "align" / role / "metrics.json", summary)
             state.mark("align" if role == "student" else f"align/{role}")
     adapter = str(align_adapter) if "student" in cfg.align.roles else None
     teacher_adapter = (str(run_dir / "align" / "teacher" / "adapter")
@@ -234,8 +256,9 @@ def run(cfg: Config) -> Path:
                                  tb / f"imitate-{k}", cfg.imitate.train, **kd)
             del kd
             gc.collect()
-            write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
-                                             "losses": losses})
+            if main:
+                write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
+                                                 "losses": losses})
             state.mark(f"iter_{k}/imitate")
         adapter = str(student_adapter)
         # -- assess on the probe split
@@ -248,7 +271,7 @@ def run(cfg: Config) -> Path:
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher probes")
             del teacher
             gc.collect()
-            student = _load(cfg.student, adapter)
+            student = _student(cfg, adapter)
             s_rows = answer_pool(student, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: student probes")
@@ -257,10 +280,11 @@ def run(cfg: Config) -> Path:
                 processor=student.processor, images=p_img)
             del student
             gc.collect()
-            write_jsonl(it / "teacher_probe_answers.jsonl", t_rows)
-            write_jsonl(it / "student_probe_answers.jsonl", s_rows)
-            write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])
-            write_json(it / "assessment_summary.json", summarize(p_inst, verdicts))
+            if main:
+                write_jsonl(it / "teacher_probe_answers.jsonl", t_rows)
+                write_jsonl(it / "student_probe_answers.jsonl", s_rows)
+                write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])
+                write_json(it / "assessment_summary.json", summarize(p_inst, verdicts))
             state.mark(f"iter_{k}/assess")
         # -- generate: new instances aimed at the student's weaknesses
         if f"iter_{k}/generate" not in state:
@@ -278,7 +302,7 @@ def run(cfg: Config) -> Path:
                 seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free, rng,
                                      cfg.generate.hard_share)
                 teacher = _teacher(cfg, teacher_adapter, run_dir)
-                student = _load(cfg.student, adapter)
+                student = _student(cfg, adapter)
                 g = cfg.generate
                 accepted, rejected, report = generate_instances(
                     teacher, student, seeds, images, existing=pool + probe.instances,
@@ -288,10 +312,11 @@ def run(cfg: Config) -> Path:
                     seed=cfg.seed + k, max_accepted=g.max_accepted)
                 del teacher, student
                 gc.collect()
-            write_pool(it / "generated_accepted.jsonl", accepted)
-            write_jsonl(it / "generated_rejected.jsonl", rejected)
-            write_json(it / "generation_report.json",
-                       report.to_dict() if report else {"asked": 0, "accepted": 0})
+            if main:
+                write_pool(it / "generated_accepted.jsonl", accepted)
+                write_jsonl(it / "generated_rejected.jsonl", rejected)
+                write_json(it / "generation_report.json",
+                           report.to_dict() if report else {"asked": 0, "accepted": 0})
             state.mark(f"iter_{k}/generate")
         new = read_pool(it / "generated_accepted.jsonl")
         generated += new
@@ -303,7 +328,8 @@ def run(cfg: Config) -> Path:
                 losses = _train_role(cfg, cfg.teacher, rows, teacher_adapter,
                                      it / "teacher_adapter", tb / f"teacher-{k}",
                                      cfg.loop.teacher_train)
-                write_json(it / "teacher_update.json", {"trained_on": len(rows), "losses": losses})
+                if main:
+                    write_json(it / "teacher_update.json", {"trained_on": len(rows), "losses": losses})
                 state.mark(f"iter_{k}/teacher_update")
             teacher_adapter = str(it / "teacher_adapter")
         # -- evaluate on the held-out test split
@@ -311,18 +337,22 @@ def run(cfg: Config) -> Path:
             metrics = {}
             for role in ("teacher", "student"):
                 loaded = (_teacher(cfg, teacher_adapter, run_dir) if role == "teacher"
-                          else _load(cfg.student, adapter))
+                          else _student(cfg, adapter))
                 res = evaluate(loaded, test, fmt=cfg.eval.prompt,
                                batch_size=cfg.eval.batch_size,
                                max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
                                desc=f"iter {k}: eval {role}")
                 del loaded
                 gc.collect()
-                res.save(it, f"{role}_test")
+                if main:
+                    res.save(it, f"{role}_test")
                 metrics[role] = {"columns": res.columns, "skills": res.skills}
-            write_json(it / "metrics.json", metrics)
+            if main:
+                write_json(it / "metrics.json", metrics)
             state.mark(f"iter_{k}/evaluate")
-    write_report(run_dir, cfg.loop.iterations)
+    if main:
+        write_report(run_dir, cfg.loop.iterations)
+    distributed.barrier()
     return run_dir
 
 

@@ -140,8 +140,9 @@ def cmd_eval_open_ended(args, cfg) -> int:
 
 
 def cmd_eval(args) -> int:
+    from mmdc import distributed
     from mmdc.config import save_resolved
-    from mmdc.data.load import load_split
+    from mmdc.data.load import load_split_collective
     from mmdc.evaluation import evaluate, format_columns, format_skills
     from mmdc.models.backends import load_backend
 
@@ -149,24 +150,31 @@ def cmd_eval(args) -> int:
     if args.questions:
         return cmd_eval_open_ended(args, cfg)
     split_name = args.split or cfg.data.test_split
-    split = load_split(cfg.data, split_name)
+    split = load_split_collective(cfg.data, split_name)
     split.load_images()
     out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
-    save_resolved(cfg, out_dir)
+    main = distributed.is_main()
+    if main:
+        save_resolved(cfg, out_dir)
     columns, skills = {}, {}
     for which in args.model:
         name, mcfg = _model_cfg(cfg, which)
-        generator = load_backend(mcfg)  # a served teacher (backend openai) evaluates too
+        # a served teacher (backend openai) evaluates too; in-process models share the
+        # split out over the ranks when launched as several processes
+        generator = distributed.Sharded(load_backend(mcfg))
         result = evaluate(generator, split, fmt=cfg.eval.prompt,
                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                           limit=cfg.eval.limit, desc=f"eval {name}")
-        result.save(out_dir, f"{name}_{split_name}")
+        if main:
+            result.save(out_dir, f"{name}_{split_name}")
         columns[name], skills[name] = result.columns, result.skills
     text = (f"ScienceQA columns on split {split_name!r} ({cfg.eval.prompt}):\n\n"
             f"{format_columns(columns)}\n\nAccuracy per skill:\n\n{format_skills(skills)}\n")
-    (out_dir / f"eval_{split_name}.md").write_text(text, encoding="utf-8")
-    print(text)
-    print(f"results in {out_dir}")
+    if main:
+        (out_dir / f"eval_{split_name}.md").write_text(text, encoding="utf-8")
+        print(text)
+        print(f"results in {out_dir}")
+    distributed.barrier()
     return 0
 
 
@@ -228,8 +236,11 @@ def cmd_run(args) -> int:
     if getattr(args, "resume", False) and not (Path(cfg.run_dir) / "state.json").is_file():
         raise MmdcError(f"{cfg.run_dir}: nothing to resume (no state.json); run without --resume")
     run_dir = run(cfg)
-    print((run_dir / "report.md").read_text(encoding="utf-8"))
-    print(f"run folder: {run_dir}")
+    from mmdc import distributed
+
+    if distributed.is_main():
+        print((run_dir / "report.md").read_text(encoding="utf-8"))
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -428,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         _install_sigterm(previous)
 
 
-# Commands that run as several processes (torchrun / accelerate launch); the calibration
-# loop's generation and evaluation are not sharded across ranks yet.
-MULTI_PROCESS_COMMANDS = ("align",)
+# Commands that run as several processes (torchrun / accelerate launch): training is
+# data-parallel, generation and evaluation are shared out over the ranks, rank 0 writes.
+MULTI_PROCESS_COMMANDS = ("align", "run", "calibrate", "eval")
 
 
 def _check_processes(args) -> None:

@@ -86,17 +86,19 @@ def ensure_synthetic(root: str | Path, synth_cfg) -> Path:
     return write_synthetic_task(root, sizes, synth_cfg.seed)
 
 
+def load_split_collective(data_cfg, split: str, cache_dir: str | Path | None = None) -> Split:
+    """:func:`load_split` called by every rank together: rank 0 loads first (writing the
+    synthetic task or the image cache once) while the others wait."""
+    from mmdc import distributed
+
+    return distributed.main_first(lambda: load_split(data_cfg, split, cache_dir))
+
+
 def load_split(data_cfg, split: str, cache_dir: str | Path | None = None) -> Split:
     fmt = data_cfg.format
     root = Path(data_cfg.root)
     if fmt == "synthetic":
-        from mmdc import distributed
-
-        if distributed.is_main():  # one process writes it, the others wait
-            ensure_synthetic(root, data_cfg.synth)
-        distributed.barrier()
-        if not distributed.is_main():
-            ensure_synthetic(root, data_cfg.synth)  # checks what rank 0 wrote
+        ensure_synthetic(root, data_cfg.synth)
         return Split(split, root, read_scienceqa(root, split))
     if fmt == "scienceqa":
         return Split(split, root, read_scienceqa(root, split))

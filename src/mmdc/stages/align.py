@@ -147,11 +147,11 @@ def run_align(cfg, role: str, out_dir: str | Path) -> dict:
     """Align one role (teacher or student) on the seed split; returns a summary."""
     import math
 
-    from mmdc.data.load import load_split
+    from mmdc.data.load import load_split_collective
     from mmdc.models.load import load_configured
 
     mcfg = getattr(cfg, role)
-    split = load_split(cfg.data, cfg.data.seed_split)
+    split = load_split_collective(cfg.data, cfg.data.seed_split)
     split.load_images()
     labelled = [i for i in split.instances if i.answer is not None]
     loaded = load_configured(mcfg, adapter=None)

@@ -46,8 +46,11 @@ def cached_answers(path: str | Path, instances: list[Instance], compute) -> list
             log.info("reusing cached answers %s", path)
             return rows
         log.warning("%s answers other instances: recomputing", path)
+    from mmdc import distributed
+
     rows = compute()
-    write_jsonl(path, rows)
+    if distributed.is_main():  # under several processes every rank holds the same rows
+        write_jsonl(path, rows)
     return rows
 
 
