@@ -75,8 +75,8 @@ def main() -> int:
             return 1
         metrics = json.loads((out / "run" / "iter_1" / "metrics.json").read_text())
         rows += [("bf16 run, 1 iteration: wall s", f"{time.perf_counter() - start:.1f}"),
-                 ("  teacher test accuracy", f"{metrics['teacher']['columns']['Avg']:.2f}"),
-                 ("  student test accuracy", f"{metrics['student']['columns']['Avg']:.2f}")]
+                 ("  teacher test accuracy", f"{metrics['teacher']['columns']['Avg']['acc']:.2f}"),
+                 ("  student test accuracy", f"{metrics['student']['columns']['Avg']['acc']:.2f}")]
 
     requests = [Request(build_prompt(inst, "CQM-LEA"), img)
                 for inst, img in synthetic.generate_split("test", args.requests, 0)]
