@@ -55,14 +55,32 @@ class RunState:
 
     def mark(self, step: str) -> None:
         """Record a finished step. Under several processes rank 0 writes the file and every
-        rank waits here, so what rank 0 wrote for the step is there for all to read."""
+        rank waits here, so what rank 0 wrote for the step is there for all to read. The
+        step's generation journal is no longer needed once its results are written."""
         from mmdc import distributed
+        from mmdc.faults import maybe_fail
 
         self.done.append(step)
         if distributed.is_main():
             write_json(self.path, {"done": self.done, "last": step})
             log.info("finished step %s", step)
+            journal = journal_path(self.path.parent, step)
+            journal.unlink(missing_ok=True)
+            if journal.parent.is_dir() and not any(journal.parent.iterdir()):
+                journal.parent.rmdir()
         distributed.barrier()
+        maybe_fail(f"after:{step}")
+
+
+def journal_path(run_dir: Path, step: str) -> Path:
+    """Where a step checkpoints its in-process generation, batch by batch."""
+    return run_dir / "cache" / (step.replace("/", "-") + ".journal.jsonl")
+
+
+def _journaled(generator, run_dir: Path, step: str, who: str):
+    from mmdc.models.backends import Journaled
+
+    return Journaled(generator, journal_path(run_dir, step), f"{step}:{who}")
 
 
 # Keys that no finished step depends on: a resume may change them (add iterations, say;
@@ -117,22 +135,23 @@ def _load(mcfg, adapter: str | None = None):
 
 
 def _train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, out: Path,
-                role_dir: Path, train_cfg, **trainer_kwargs) -> list[float]:
+                role_dir: Path, train_cfg, label: str | None = None,
+                **trainer_kwargs) -> list[float]:
     """LoRA-train a role (continuing ``start_adapter`` when given) and save the adapter."""
-    from peft import PeftModel
     from transformers import set_seed
 
+    from mmdc.models.load import load_adapter
     from mmdc.stages.align import apply_lora, train_sft
 
     set_seed(cfg.seed)  # LoRA init and data order must not depend on what ran before
     loaded = _load(mcfg)
     model = loaded.model
     if start_adapter:
-        model = PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
+        model = load_adapter(model, start_adapter, is_trainable=True)
     else:
         model = apply_lora(model, cfg.align.lora)
     history = train_sft(model, loaded.processor, rows, out, train_cfg,
-                        logging_dir=role_dir, seed=cfg.seed, **trainer_kwargs)
+                        logging_dir=role_dir, seed=cfg.seed, label=label, **trainer_kwargs)
     return [h["loss"] for h in history if "loss" in h]
 
 
@@ -225,7 +244,8 @@ def run(cfg: Config) -> Path:
         pool = labelled + generated
         # -- the teacher answers the instruction pool (CQM-LEA)
         if f"iter_{k}/teacher_answers" not in state:
-            teacher = _teacher(cfg, teacher_adapter, run_dir)
+            teacher = _journaled(_teacher(cfg, teacher_adapter, run_dir), run_dir,
+                                 f"iter_{k}/teacher_answers", "teacher")
 
             def answer_all(t=teacher, items=pool, k=k):
                 return answer_pool(t, items, [images(i.image) for i in items],
@@ -253,7 +273,8 @@ def run(cfg: Config) -> Path:
                           beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
                           weight=im.kd_weight)
             losses = _train_role(cfg, cfg.student, rows, start, student_adapter,
-                                 tb / f"imitate-{k}", cfg.imitate.train, **kd)
+                                 tb / f"imitate-{k}", cfg.imitate.train,
+                                 label=f"iter_{k}/imitate", **kd)
             del kd
             gc.collect()
             if main:
@@ -265,13 +286,15 @@ def run(cfg: Config) -> Path:
         if f"iter_{k}/assess" not in state:
             p_inst = [i for i in probe.instances if i.choices]
             p_img = [probe.image(i) for i in p_inst]
-            teacher = _teacher(cfg, teacher_adapter, run_dir)
+            teacher = _journaled(_teacher(cfg, teacher_adapter, run_dir), run_dir,
+                                 f"iter_{k}/assess", "teacher")
             t_rows = answer_pool(teacher, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher probes")
             del teacher
             gc.collect()
-            student = _student(cfg, adapter)
+            student = _journaled(_student(cfg, adapter), run_dir, f"iter_{k}/assess",
+                                 "student")
             s_rows = answer_pool(student, p_inst, p_img, fmt="CQM-A",
                                  max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.eval.batch_size, desc=f"iter {k}: student probes")
@@ -301,8 +324,10 @@ def run(cfg: Config) -> Path:
                     hard, easy = list(pool), []
                 seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free, rng,
                                      cfg.generate.hard_share)
-                teacher = _teacher(cfg, teacher_adapter, run_dir)
-                student = _student(cfg, adapter)
+                step = f"iter_{k}/generate"
+                teacher = _journaled(_teacher(cfg, teacher_adapter, run_dir), run_dir, step,
+                                     "teacher")
+                student = _journaled(_student(cfg, adapter), run_dir, step, "student")
                 g = cfg.generate
                 accepted, rejected, report = generate_instances(
                     teacher, student, seeds, images, existing=pool + probe.instances,
@@ -327,7 +352,7 @@ def run(cfg: Config) -> Path:
                 rows = sft_rows(new, [images(i.image) for i in new], "CQM-LEA")
                 losses = _train_role(cfg, cfg.teacher, rows, teacher_adapter,
                                      it / "teacher_adapter", tb / f"teacher-{k}",
-                                     cfg.loop.teacher_train)
+                                     cfg.loop.teacher_train, label=f"iter_{k}/teacher_update")
                 if main:
                     write_json(it / "teacher_update.json", {"trained_on": len(rows), "losses": losses})
                 state.mark(f"iter_{k}/teacher_update")
@@ -336,8 +361,9 @@ def run(cfg: Config) -> Path:
         if f"iter_{k}/evaluate" not in state:
             metrics = {}
             for role in ("teacher", "student"):
-                loaded = (_teacher(cfg, teacher_adapter, run_dir) if role == "teacher"
-                          else _student(cfg, adapter))
+                loaded = _journaled(
+                    _teacher(cfg, teacher_adapter, run_dir) if role == "teacher"
+                    else _student(cfg, adapter), run_dir, f"iter_{k}/evaluate", role)
                 res = evaluate(loaded, test, fmt=cfg.eval.prompt,
                                batch_size=cfg.eval.batch_size,
                                max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,

@@ -65,6 +65,21 @@ def _generate_batch(model, processor, requests: list[Request], device, dtype, kw
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+def plan_batches(requests: list[Request], batch_size: int) -> list[list[int]]:
+    """The batches ``generate`` runs, as request indices: requests with and without an
+    image apart, each sorted by prompt length, cut into ``batch_size`` groups."""
+    order = sorted(range(len(requests)),
+                   key=lambda i: (requests[i].image is None, len(requests[i].prompt)))
+    batches: list[list[int]] = []
+    for i in order:
+        if (batches and len(batches[-1]) < batch_size
+                and (requests[batches[-1][0]].image is None) == (requests[i].image is None)):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def generate(model, processor, requests: list[Request], *, max_new_tokens: int = 16,
              batch_size: int = 32, do_sample: bool = False, temperature: float = 1.0,
@@ -76,15 +91,7 @@ def generate(model, processor, requests: list[Request], *, max_new_tokens: int =
     if do_sample and temperature <= 0:  # temperature 0 means greedy, as in the OpenAI API
         do_sample = False
     tokenizer = processor.tokenizer
-    order = sorted(range(len(requests)),
-                   key=lambda i: (requests[i].image is None, len(requests[i].prompt)))
-    batches: list[list[int]] = []
-    for i in order:
-        if (batches and len(batches[-1]) < batch_size
-                and (requests[batches[-1][0]].image is None) == (requests[i].image is None)):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+    batches = plan_batches(requests, batch_size)
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device

@@ -36,6 +36,30 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def write_dir_atomic(path: str | Path, save) -> Path:
+    """Build a folder with ``save(tmp_dir)`` beside ``path``, then swap it in: a crash
+    leaves either the old folder or the new one, never a half-written one."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def write_json(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

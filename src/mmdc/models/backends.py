@@ -279,3 +279,101 @@ def load_backend(mcfg, adapter: str | None = ..., cache_dir: str | Path | None =
         return VLLMBackend(mcfg.path, dtype=mcfg.dtype,
                            trust_remote_code=mcfg.trust_remote_code)
     raise ConfigError(f"unknown backend {mcfg.backend!r} (allowed: hf, openai, vllm)")
+
+
+def _fingerprint(requests) -> str:
+    """A digest of the requests: prompts, rendered texts and image pixels."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(r.prompt.encode())
+        h.update(b"\0" + (r.text or "").encode() + b"\0")
+        if r.image is not None:
+            h.update(r.image.mode.encode() + repr(r.image.size).encode())
+            h.update(hashlib.sha256(r.image.tobytes()).digest())
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+class Journaled:
+    """Checkpoints an in-process (``hf``) backend's generation batch by batch.
+
+    Each finished batch is appended to a JSONL journal with its outputs and the random
+    generator's state after it. A step killed mid-generation (SIGKILL, SIGTERM, Ctrl-C)
+    and run again replays the journaled batches and resumes sampling from the saved
+    state, so it produces exactly what an uninterrupted call would. The batches are
+    :func:`mmdc.generation.plan_batches`'s, as in one uninterrupted call. Other backends
+    (their own cache) and runs over several processes pass straight through."""
+
+    def __init__(self, inner, path: str | Path, label: str):
+        self.inner = inner
+        self.path = Path(path)
+        self.label = label
+        self.name = getattr(inner, "name", "hf")
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    def _entries(self, call: str) -> dict[int, dict]:
+        if not self.path.is_file():
+            return {}
+        from mmdc.data.pool import read_jsonl
+
+        return {e["batch"]: e for e in read_jsonl(self.path) if e.get("call") == call}
+
+    def generate(self, requests, *, batch_size: int = 32, seed: int | None = None,
+                 desc: str | None = None, progress: bool = True, **kwargs) -> list[str]:
+        from mmdc import distributed
+
+        if self.name != "hf" or distributed.world_size() > 1 or not requests:
+            return self.inner.generate(requests, batch_size=batch_size, seed=seed, desc=desc,
+                                       progress=progress, **kwargs)
+        import torch
+
+        from mmdc.faults import maybe_fail
+        from mmdc.generation import plan_batches
+
+        plan = plan_batches(requests, batch_size)
+        call = hashlib.sha256(json.dumps(
+            [self.label, _fingerprint(requests), batch_size, seed, sorted(kwargs.items())],
+            default=str).encode()).hexdigest()[:24]
+        done = self._entries(call)
+        outputs = [""] * len(requests)
+        resume = 0
+        while resume in done:  # the batches run in order: replay the finished prefix
+            for i, t in zip(plan[resume], done[resume]["outputs"]):
+                outputs[i] = t
+            resume += 1
+        if resume:
+            log.info("%s: %d of %d batches replayed from %s", self.label, resume, len(plan),
+                     self.path)
+            state = done[resume - 1]["rng"]
+            torch.set_rng_state(torch.tensor(bytearray(base64.b64decode(state["cpu"])),
+                                             dtype=torch.uint8))
+            if state.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([
+                    torch.tensor(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                    for s in state["cuda"]])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(requests), initial=sum(len(plan[b]) for b in range(resume)),
+                   desc=desc or self.label, disable=not progress, leave=False)
+        try:
+            for b in range(resume, len(plan)):
+                idx = plan[b]
+                texts = self.inner.generate([requests[i] for i in idx], batch_size=len(idx),
+                                            seed=seed if b == 0 else None, progress=False,
+                                            **kwargs)
+                for i, t in zip(idx, texts):
+                    outputs[i] = t
+                rng = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+                if torch.cuda.is_available():
+                    rng["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
+                                   for s in torch.cuda.get_rng_state_all()]
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"call": call, "batch": b, "outputs": texts,
+                                        "rng": rng}, ensure_ascii=False) + "\n")
+                    f.flush()
+                bar.update(len(idx))
+                maybe_fail(f"{self.label}@{b + 1}")
+        finally:
+            bar.close()
+        return outputs

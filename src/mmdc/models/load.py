@@ -108,18 +108,29 @@ def load_model(path: str, *, adapter: str | None = None, dtype: str = "float32",
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{folder}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if adapter:
-        from peft import PeftModel
-
-        adapter_dir = Path(adapter)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = load_adapter(model, adapter)
     model.to(_device(device))
     model.eval()
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Loaded(model, processor, folder)
+
+
+def load_adapter(model, adapter: str | Path, is_trainable: bool = False):
+    """Apply a PEFT adapter folder; a missing, corrupt or truncated one is a ModelError
+    naming the folder."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file, reported
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{adapter_dir}: unreadable adapter ({first}); restore it, or "
+                         "rerun in a new run_dir") from None
 
 
 def count_parameters(model) -> int:

@@ -58,6 +58,20 @@ def apply_lora(model, settings: LoraConfigSection):
     return peft_model
 
 
+def _failpoints(label: str):
+    """Fault injection (tests): SIGKILL after training step N when MMDC_FAILPOINT says
+    LABEL@N (see :mod:`mmdc.faults`)."""
+    from transformers import TrainerCallback
+
+    from mmdc.faults import maybe_fail
+
+    class FailPoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            maybe_fail(f"{label}@{state.global_step}")
+
+    return FailPoints()
+
+
 def _non_finite_loss_guard(where: str):
     """A callback that stops training at the first logged non-finite loss, before the
     adapter is saved: the last good adapter (the run's previous step) stays in place."""
@@ -81,7 +95,7 @@ def _non_finite_loss_guard(where: str):
 
 def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
               logging_dir: str | Path | None = None, seed: int = 0, trainer_class=None,
-              **trainer_kwargs):
+              label: str | None = None, **trainer_kwargs):
     """Train ``model`` (already a PEFT model) on ``rows`` with TRL's SFTTrainer and save
     the adapter to ``out_dir``. Returns the trainer's log history."""
     import torch
@@ -110,10 +124,11 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
         dataloader_num_workers=0, disable_tqdm=False, bf16=False,
         logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
     )
-    callbacks = [_non_finite_loss_guard(str(out_dir))]
+    callbacks = [_non_finite_loss_guard(str(out_dir)), _failpoints(label or out_dir.name)]
     writer = None
     if distributed.is_main():  # one event file, written by rank 0
-        writer = SummaryWriter(log_dir=str(logging_dir or out_dir / "tensorboard"))
+        writer = SummaryWriter(log_dir=str(logging_dir
+                                           or out_dir.with_name(out_dir.name + "-tensorboard")))
         callbacks.insert(0, TensorBoardCallback(tb_writer=writer))
     trainer = (trainer_class or SFTTrainer)(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
@@ -128,8 +143,10 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
     # ZeRO-3 shard them); rank 0 writes the adapter, which PEFT filters out of the state
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped) if multi else None
     if trainer.is_world_process_zero():
-        model.save_pretrained(out_dir, state_dict=state)
+        from mmdc.data.pool import write_dir_atomic
+
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # nothing is saved there
+        write_dir_atomic(out_dir, lambda tmp: model.save_pretrained(tmp, state_dict=state))
     trainer.accelerator.wait_for_everyone()
     return history
 
@@ -163,7 +180,7 @@ def run_align(cfg, role: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     history = train_sft(model, loaded.processor, rows, out_dir / "adapter", cfg.align.train,
                         logging_dir=Path(cfg.run_dir) / "tensorboard" / f"align-{role}",
-                        seed=cfg.seed)
+                        seed=cfg.seed, label=f"align/{role}")
     losses = [h["loss"] for h in history if "loss" in h]
     if not losses or not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"align {role}: training produced non-finite losses {losses}")
