@@ -68,7 +68,7 @@ def main() -> int:
     env = dict(os.environ, MMDC_LOAD_TOKEN=TOKEN)
     server = subprocess.Popen([sys.executable, "-m", "mmdc", "serve", args.model, "--name",
                                "m", "--port", str(port), "--token-env", "MMDC_LOAD_TOKEN"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(os.environ.get("SERVE_LOG", os.devnull), "w"))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -140,6 +140,15 @@ def test_bad_requests_get_a_clear_4xx(server, case, status, words):
     assert got == status and words in reply["error"]["message"]
 
 
+def test_concurrent_requests_are_all_answered(server):
+    """Many requests at once (batched on the server; the tokenizer is not thread-safe)."""
+    reqs = [Request(build_prompt(inst, "CQM-LEA"), img)
+            for inst, img in synthetic.generate_split("val", 48, 1)]
+    served = backend(server, concurrency=16).generate(reqs, max_new_tokens=24)
+    assert len(served) == 48 and all(served)
+    assert served == backend(server, concurrency=1).generate(reqs, max_new_tokens=24)
+
+
 def test_openai_backend_matches_the_hf_backend(server, requests_):
     from mmdc.models.load import load_model
 

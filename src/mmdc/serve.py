@@ -120,8 +120,8 @@ class _Job:
 
 
 class Batcher:
-    """One worker thread owns the model; it takes what is queued and generates it in
-    batches of requests that share their settings."""
+    """One worker thread owns the model and its tokenizer; it takes what is queued and
+    generates it in batches of requests that share their settings."""
 
     def __init__(self, loaded, max_batch: int = 16):
         self.loaded = loaded
@@ -166,8 +166,11 @@ class Batcher:
             for b in batch:
                 b.future.set_exception(exc)
             return
+        # the tokenizer is not thread-safe (padding state): count tokens here, on the worker
+        tok = self.loaded.processor.tokenizer
         for b, t in zip(batch, texts):
-            b.future.set_result(t)
+            b.future.set_result((t, len(tok(b.text, add_special_tokens=False)["input_ids"]),
+                                 len(tok(t, add_special_tokens=False)["input_ids"])))
 
 
 def create_app(loaded, *, name: str, token: str | None = None,
@@ -192,7 +195,6 @@ def create_app(loaded, *, name: str, token: str | None = None,
 
     app = FastAPI(title="mmdc serve", version="1")
     batcher = Batcher(loaded, max_batch=max_batch)
-    tokenizer = loaded.processor.tokenizer
     app.state.batcher = batcher
 
     def error(status: int, message: str, kind: str = "invalid_request_error"):
@@ -253,12 +255,11 @@ def create_app(loaded, *, name: str, token: str | None = None,
         job = _Job(text, images[0] if images else None, want, req.temperature, req.top_p,
                    req.seed)
         try:
-            out = await asyncio.wrap_future(batcher.submit(job))
+            out, prompt_tokens, completion_tokens = await asyncio.wrap_future(
+                batcher.submit(job))
         except Exception as exc:  # noqa: BLE001
             log.exception("generation failed")
             return error(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
-        prompt_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        completion_tokens = len(tokenizer(out, add_special_tokens=False)["input_ids"])
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": name,
