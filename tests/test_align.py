@@ -2,6 +2,7 @@ import math
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from mmdc.config import LoraConfigSection, TrainConfig
 from mmdc.data.load import Split
@@ -70,3 +71,41 @@ def test_non_finite_loss_stops_training_and_saves_nothing(synth_root, tmp_path):
                   TrainConfig(max_steps=4, batch_size=8, logging_steps=1, warmup_steps=1),
                   trainer_class=Diverging)
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_out_of_memory_in_training_retries_with_a_smaller_batch(synth_root, tmp_path, caplog):
+    """A batch that does not fit: training starts again from the initial adapter with half
+    the per-device batch and twice the accumulation (the same global batch), and says so;
+    the result equals training at that batch from the start."""
+    import torch
+    from trl import SFTTrainer
+
+    class SmallMemory(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self.args.per_device_train_batch_size > 2 and self.state.global_step >= 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    tok = toy.build_tokenizer()
+    processor = toy.build_processor(tok, toy.STUDENT_SPEC)
+    split = Split("train", synth_root, read_scienceqa(synth_root, "train"))
+    rows = sft_rows(split.instances[:16], [split.image(i) for i in split.instances[:16]])
+
+    def train(batch, accum, out, trainer_class=None):
+        torch.manual_seed(0)
+        peft_model = apply_lora(toy.build_model(toy.STUDENT_SPEC, tok),
+                                LoraConfigSection(r=4, alpha=8))
+        history = train_sft(peft_model, processor, rows, out, TrainConfig(
+            max_steps=3, batch_size=batch, grad_accum=accum, logging_steps=1, warmup_steps=1),
+            trainer_class=trainer_class)
+        return history, load_file(out / "adapter_model.safetensors")
+
+    with caplog.at_level("WARNING"):
+        _, got = train(8, 1, tmp_path / "retried", SmallMemory)
+    msgs = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(msgs) == 2 and "retrying from the start with 4 x 2" in msgs[0]
+    assert "2 x 4" in msgs[1]
+    _, want = train(2, 4, tmp_path / "direct")
+    assert got.keys() == want.keys()
+    for k in got:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k

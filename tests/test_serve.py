@@ -163,7 +163,7 @@ def test_openai_backend_matches_the_hf_backend(server, requests_):
     assert one == many
 
 
-def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_path):
+def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_path, capsys):
     from .test_run import TINY
 
     data = small_data_overrides(tmp_path / "data")
@@ -180,7 +180,10 @@ def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_pat
         assert a == b, name
     cache = list((tmp_path / "openai" / "cache").glob("openai-*.jsonl"))
     assert len(cache) == 1 and cache[0].stat().st_size > 0
-    # the key is read from the environment and written nowhere
+    # the key is read from the environment and written nowhere: not in the logs, not in
+    # any file of the run folder (resolved config, reports, caches, adapters)
+    out, err = capsys.readouterr()
+    assert TOKEN not in out and TOKEN not in err
     for path in (tmp_path / "openai").rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path

@@ -105,39 +105,71 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
     from trl import SFTConfig, SFTTrainer
 
     from mmdc import distributed
+    from mmdc.errors import TrainingError
 
     out_dir = Path(out_dir)
     cpu = not torch.cuda.is_available()
     multi = distributed.world_size() > 1
-    args = SFTConfig(
-        output_dir=str(out_dir / "trainer"),
-        per_device_train_batch_size=distributed.per_device_batch(settings.batch_size),
-        gradient_accumulation_steps=settings.grad_accum, max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
-        lr_scheduler_type="cosine", logging_steps=min(settings.logging_steps, settings.max_steps),
-        save_strategy="no",
-        report_to="none",
-        seed=seed, data_seed=seed, max_length=settings.max_length,
-        completion_only_loss=True, remove_unused_columns=False, use_cpu=cpu,
-        ddp_backend="gloo" if cpu and multi else None,
-        ddp_find_unused_parameters=False if multi else None,
-        dataloader_num_workers=0, disable_tqdm=False, bf16=False,
-        logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
-    )
-    callbacks = [_non_finite_loss_guard(str(out_dir)), _failpoints(label or out_dir.name)]
-    writer = None
-    if distributed.is_main():  # one event file, written by rank 0
-        writer = SummaryWriter(log_dir=str(logging_dir
-                                           or out_dir.with_name(out_dir.name + "-tensorboard")))
-        callbacks.insert(0, TensorBoardCallback(tb_writer=writer))
-    trainer = (trainer_class or SFTTrainer)(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
-        callbacks=callbacks, **trainer_kwargs)
-    try:
-        trainer.train()
-    finally:
-        if writer is not None:
-            writer.close()
+
+    def make_args(batch: int, accum: int):
+        return SFTConfig(
+            output_dir=str(out_dir / "trainer"), per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum, max_steps=settings.max_steps,
+            learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps,
+            lr_scheduler_type="cosine",
+            logging_steps=min(settings.logging_steps, settings.max_steps),
+            save_strategy="no",
+            report_to="none",
+            seed=seed, data_seed=seed, max_length=settings.max_length,
+            completion_only_loss=True, remove_unused_columns=False, use_cpu=cpu,
+            ddp_backend="gloo" if cpu and multi else None,
+            ddp_find_unused_parameters=False if multi else None,
+            dataloader_num_workers=0, disable_tqdm=False, bf16=False,
+            logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
+        )
+
+    batch = distributed.per_device_batch(settings.batch_size)
+    accum = settings.grad_accum
+    # what training changes, kept to start again from if a batch does not fit in memory
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    dataset = Dataset.from_list(rows)
+    while True:
+        callbacks = [_non_finite_loss_guard(str(out_dir)), _failpoints(label or out_dir.name)]
+        writer = None
+        if distributed.is_main():  # one event file, written by rank 0
+            writer = SummaryWriter(log_dir=str(
+                logging_dir or out_dir.with_name(out_dir.name + "-tensorboard")))
+            callbacks.insert(0, TensorBoardCallback(tb_writer=writer))
+        trainer = (trainer_class or SFTTrainer)(
+            model=model, args=make_args(batch, accum), train_dataset=dataset,
+            processing_class=processor, callbacks=callbacks, **trainer_kwargs)
+        try:
+            trainer.train()
+            break
+        except RuntimeError as exc:
+            from accelerate.utils.memory import release_memory, should_reduce_batch_size
+
+            if not should_reduce_batch_size(exc):
+                raise
+            if batch == 1 or multi:
+                raise TrainingError(
+                    f"{out_dir}: out of memory training at a per-device batch of {batch}"
+                    + (" on several processes" if multi else "")
+                    + "; lower train.batch_size or max_length, or use a device with more "
+                      "memory") from None
+            log.warning("%s: out of memory at a per-device batch of %d; retrying from the "
+                        "start with %d x %d gradient accumulation (same global batch)",
+                        out_dir, batch, batch // 2, accum * 2)
+            del trainer
+            release_memory()
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in start:
+                        p.copy_(start[n])
+            batch, accum = batch // 2, accum * 2
+        finally:
+            if writer is not None:
+                writer.close()
     history = trainer.state.log_history
     # under several processes every rank takes part in gathering the weights (FSDP and
     # ZeRO-3 shard them); rank 0 writes the adapter, which PEFT filters out of the state
