@@ -58,10 +58,11 @@ def _split_options(text: str) -> list[str] | None:
 def from_llava_entry(entry: dict, where: str) -> Instance:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: entry must be an object")
-    for key in ("id", "conversations"):
-        if key not in entry:
-            raise DataError(f"{where}: missing field '{key}'")
+    if "id" not in entry:
+        raise DataError(f"{where}: missing field 'id'")
     where = f"{where} (id {entry['id']!r})"
+    if "conversations" not in entry:
+        raise DataError(f"{where}: missing field 'conversations'")
     conv = entry["conversations"]
     if not isinstance(conv, list) or len(conv) < 2:
         raise DataError(f"{where}: field 'conversations' needs a human and a gpt turn")

@@ -1,0 +1,205 @@
+"""The bad-input corpus: configs, ScienceQA folders, images, LLaVA JSON, pools and teacher
+outputs that are malformed, empty, huge, of the wrong type or encoding, or duplicated.
+
+Each command case must end with exit code 2 and one line on stderr naming the problem and
+where it is, with no traceback, and leave what was already in the output folder as it
+was. Teacher outputs are counted drops, never exceptions. (Server requests: the 4xx cases
+of tests/test_serve.py.)"""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from mmdc.cli import main
+
+MINI = Path(__file__).parent / "data" / "scienceqa_mini"
+
+
+def _mini(tmp_path: Path) -> Path:
+    root = tmp_path / "sqa"
+    shutil.copytree(MINI, root)
+    return root
+
+
+def _problems(root: Path) -> dict:
+    return json.loads((root / "problems.json").read_text(encoding="utf-8"))
+
+
+def _image_pid(root: Path) -> str:
+    splits = json.loads((root / "pid_splits.json").read_text())
+    probs = _problems(root)
+    return next(p for p in splits["test"] if probs[p].get("image"))
+
+
+def _edit(root: Path, fn) -> None:
+    probs = _problems(root)
+    fn(probs)
+    (root / "problems.json").write_text(json.dumps(probs), encoding="utf-8")
+
+
+# ------------------------------------------------------------------ the cases
+# each: (name, setup(tmp_path) -> extra argv, words the error line must contain)
+
+
+def cfg_file(tmp_path, text: bytes | str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def eval_args(root, *extra):
+    return ["data.format=scienceqa", f"data.root={root}", "data.pool=null", *extra]
+
+
+def llava_case(tmp_path, entries) -> list[str]:
+    root = _mini(tmp_path)
+    path = tmp_path / "llava.json"
+    path.write_text(entries if isinstance(entries, str) else json.dumps(entries),
+                    encoding="utf-8")
+    return ["data.format=llava", f"data.root={path}", f"data.image_root={root}",
+            "data.test_split=all", "data.pool=null"]
+
+
+def _llava_ok(i=0, **over):
+    e = {"id": f"q{i}", "image": None, "conversations": [
+        {"from": "human", "value": "Which is a mammal?\nA. cat\nB. fish"},
+        {"from": "gpt", "value": "A"}]}
+    e.update(over)
+    return e
+
+
+def _pool_case(tmp_path, text: str) -> list[str]:
+    root = _mini(tmp_path)
+    (root / "pool.jsonl").write_text(text, encoding="utf-8")
+    return ["run", *eval_args(root)[:-1], "data.pool=pool", "data.probe_split=test"]
+
+
+CASES = {
+    # configs
+    "config: malformed YAML": (lambda t: [cfg_file(t, "eval: [1, 2\n")], ["malformed YAML",
+                                                                          "line"]),
+    "config: unknown key": (lambda t: [cfg_file(t, "evals: {}\n")], ["unknown key 'evals'"]),
+    "config: wrong type": (lambda t: ["eval.batch_size=many"], ["eval.batch_size"]),
+    "config: value out of range": (lambda t: ["generate.tau=2"], ["generate.tau"]),
+    "config: not UTF-8": (lambda t: [cfg_file(t, "run_dir: caf\xe9\n".encode("latin-1"))],
+                          ["not UTF-8"]),
+    "config: top level is a list": (lambda t: [cfg_file(t, "- a\n- b\n")], ["mapping"]),
+    "config: override without =": (lambda t: ["eval.batch_size"], ["config file not found"]),
+    "config: empty YAML mapping value": (lambda t: [cfg_file(t, "teacher:\n  path:\n")],
+                                         ["teacher.path"]),
+    # ScienceQA folders and images
+    "scienceqa: no problems.json": (
+        lambda t: eval_args((lambda r: ((r / "problems.json").unlink(), r)[1])(_mini(t))),
+        ["problems.json", "not found"]),
+    "scienceqa: problems.json not JSON": (
+        lambda t: eval_args((lambda r: ((r / "problems.json").write_text("{oops"), r)[1])(
+            _mini(t))), ["problems.json", "malformed JSON"]),
+    "scienceqa: problems.json not UTF-8": (
+        lambda t: eval_args((lambda r: ((r / "problems.json").write_bytes(
+            (r / "problems.json").read_text(encoding="utf-8").encode("utf-16")), r)[1])(
+            _mini(t))), ["problems.json", "UTF-8"]),
+    "scienceqa: image file missing": (
+        lambda t: eval_args((lambda r: (shutil.rmtree(r / "images" / "test" / _image_pid(r)),
+                                        r)[1])(_mini(t))), ["image file not found"]),
+    "scienceqa: unreadable image": (
+        lambda t: eval_args((lambda r: ((r / "images" / "test" / _image_pid(r) / _problems(r)[
+            _image_pid(r)]["image"]).write_bytes(b"\x89PNG not really"), r)[1])(_mini(t))),
+        ["unreadable image"]),
+    "scienceqa: answer index out of range": (
+        lambda t: eval_args((lambda r: (_edit(r, lambda p: p[_image_pid(r)].update(answer=9)),
+                                        r)[1])(_mini(t))), ["answer"]),
+    "scienceqa: answer of the wrong type": (
+        lambda t: eval_args((lambda r: (_edit(r, lambda p: p[_image_pid(r)].update(
+            answer="B")), r)[1])(_mini(t))), ["answer"]),
+    "scienceqa: choices missing": (
+        lambda t: eval_args((lambda r: (_edit(r, lambda p: p[_image_pid(r)].pop("choices")),
+                                        r)[1])(_mini(t))), ["choices"]),
+    "scienceqa: empty split": (
+        lambda t: eval_args(_mini(t), "data.test_split=val"), ["val"]),
+    "scienceqa: image path escapes the root": (
+        lambda t: eval_args((lambda r: (_edit(r, lambda p: p[_image_pid(r)].update(
+            image="../../../../etc/passwd")), r)[1])(_mini(t))), ["image"]),
+    "scienceqa: split lists an unknown problem": (
+        lambda t: eval_args((lambda r: ((r / "pid_splits.json").write_text(json.dumps(
+            {"train": [], "val": [], "test": ["nope"]})), r)[1])(_mini(t))), ["nope"]),
+    # LLaVA instruction JSON
+    "llava: not a list": (lambda t: llava_case(t, {"id": "x"}), ["list"]),
+    "llava: empty": (lambda t: llava_case(t, []), ["no entries"]),
+    "llava: missing conversations": (
+        lambda t: llava_case(t, [{"id": "q0", "image": None}]), ["q0", "conversations"]),
+    "llava: turn of the wrong role": (
+        lambda t: llava_case(t, [_llava_ok(conversations=[
+            {"from": "gpt", "value": "A"}, {"from": "human", "value": "?"}])]), ["human"]),
+    "llava: image without <image> tag": (
+        lambda t: llava_case(t, [_llava_ok(image="images/test/x/image.png")]), ["<image>"]),
+    "llava: duplicate ids": (lambda t: llava_case(t, [_llava_ok(0), _llava_ok(0)]),
+                             ["duplicate id 'q0'"]),
+    "llava: malformed JSON": (lambda t: llava_case(t, '[{"id": "q0",'), ["malformed JSON"]),
+    # image pools (JSONL)
+    "pool: malformed line": (
+        lambda t: _pool_case(t, '{"id": "p0", "image": "a.png"}\n{oops}\n{"id": "p2"}\n'),
+        ["pool.jsonl, line 2"]),
+    "pool: row missing its image": (
+        lambda t: _pool_case(t, '{"id": "p0"}\n'), ["line 1", "image"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_clear_line_and_loses_nothing(name, tmp_path, capsys):
+    setup, words = CASES[name]
+    argv = setup(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier_result.json").write_text('{"acc": 50.0}')  # something computed before
+    if argv and argv[0] == "run":
+        argv = ["run", f"run_dir={out}", *argv[1:]]
+        cmd = argv
+    elif argv and argv[0].endswith(".yaml"):
+        cmd = ["eval", argv[0], *argv[1:], "--model", "builtin:student", "--out", str(out)]
+    else:
+        cmd = ["eval", *argv, "eval.limit=4", "--model", "builtin:student", "--out", str(out)]
+    code = main(cmd)
+    err = capsys.readouterr().err.strip().splitlines()
+    mine = [line for line in err if line.startswith("mmdc:")]
+    assert code == 2, (name, err[-3:])
+    assert mine == [err[-1]] and "Traceback" not in "\n".join(err), err[-5:]
+    for w in words:
+        assert w in mine[0], (name, mine[0])
+    assert (out / "earlier_result.json").read_text() == '{"acc": 50.0}'
+    assert not list(out.glob("student_*"))  # no partial results written
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("text", [
+    "", "\x00\x00\x00", "Question: " + "x" * 100_000, "Options: (A) only options",
+    "Question: ¿Qué?\nOptions: (A) 🐱 (B) 🐟\nAnswer: C\nSolution: —",
+    "Question: q\nOptions: (A) a (A) a\nAnswer: A",
+])
+def test_bad_teacher_output_is_a_counted_drop(text):
+    from mmdc.data.record import Instance
+    from mmdc.stages.generate import Seed, generate_instances
+
+    seed = Seed(Instance(id="s", question="q", choices=["a", "b"], answer=0, skill="color"),
+                "same", None)
+    teacher = SimpleNamespace(generate=lambda reqs, **kw: [text] * len(reqs))
+    accepted, rejected, report = generate_instances(teacher, teacher, [seed], lambda r: None,
+                                                    existing=[], iteration=1, k=2)
+    assert accepted == [] and report.accepted == 0
+    assert sum(report.to_dict()["dropped"].values()) == 1 and len(rejected) == 1
+
+
+def test_unicode_and_huge_text_are_not_errors(tmp_path, capsys):
+    """Not bad input: unicode everywhere and a very long question evaluate normally."""
+    root = _mini(tmp_path)
+    _edit(root, lambda p: p[_image_pid(root)].update(question="¿Cuál? 猫 🐱 " + "x " * 5000))
+    assert main(["eval", *eval_args(root), "eval.limit=4", "--model", "builtin:student",
+                 "--out", str(tmp_path / "out")]) == 0
+    Image.open(root / "images" / "test" / _image_pid(root) /
+               _problems(root)[_image_pid(root)]["image"]).verify()
