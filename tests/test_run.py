@@ -267,3 +267,20 @@ def test_demo_and_calibrate_commands_end_to_end(tmp_path, command, capsys):
     assert {p.name for p in (run_dir / "iter_1").iterdir() if p.is_file()} == ITER_FILES
     if command == "demo":
         assert "share a vocabulary: yes" in out
+
+
+def test_without_an_image_pool_only_text_instances_are_written(tmp_path, caplog):
+    """Real datasets often come without an unlabelled image pool: the loop still runs,
+    warns, and the teacher writes text-only instances (image seeds are skipped)."""
+    args = ["run", f"run_dir={tmp_path / 'run'}", *small_data_overrides(tmp_path / "data"),
+            *TINY, "data.pool=null", "generate.per_iteration=32", "loop.strategy=random"]
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert any("no unlabelled image pool" in r.getMessage() for r in caplog.records)
+    gen = json.loads((tmp_path / "run" / "iter_1" / "generation_report.json").read_text())
+    assert gen["asked"] > 0  # the text-only seeds
+    rows = [json.loads(line) for line in
+            (tmp_path / "run" / "iter_1" / "generated_rejected.jsonl").read_text().splitlines()]
+    accepted = (tmp_path / "run" / "iter_1" / "generated_accepted.jsonl").read_text()
+    assert all(json.loads(line)["image"] is None for line in accepted.splitlines())
+    assert gen["asked"] == gen["accepted"] + len(rows)

@@ -223,6 +223,9 @@ def run(cfg: Config) -> Path:
     images = ImageCache(seed_split.root)
     pool_images = ([r["image"] for r in read_image_pool(seed_split.root, cfg.data.pool)]
                    if cfg.data.pool else [])
+    if cfg.loop.strategy != "none" and not pool_images and main:
+        log.warning("no unlabelled image pool (data.pool): the teacher can only write "
+                    "text-only instances; seeds with an image are skipped")
     labelled = [i for i in seed_split.instances if i.answer is not None]
     tb = run_dir / "tensorboard"
 
@@ -312,7 +315,7 @@ def run(cfg: Config) -> Path:
         # -- generate: new instances aimed at the student's weaknesses
         if f"iter_{k}/generate" not in state:
             accepted, rejected, report = [], [], None
-            if cfg.loop.strategy != "none" and pool_images:
+            if cfg.loop.strategy != "none":
                 verdicts = {r["id"]: r["hard"] for r in read_jsonl(it / "assessment.jsonl")}
                 by_id = {i.id: i for i in probe.instances}
                 rng = random.Random(f"{cfg.seed}-generate-{k}")
