@@ -22,6 +22,15 @@ def synth_root(tmp_path_factory) -> Path:
     return write_synthetic_task(root, SMALL, seed=0)
 
 
+def free_port() -> int:
+    """A free loopback TCP port (for a test's server or torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def small_data_overrides(root: Path) -> list[str]:
     return [f"data.root={root}", "data.synth.pretrain=0", "data.synth.train=24",
             "data.synth.pool=8", "data.synth.val=16", "data.synth.test=32"]

@@ -4,7 +4,6 @@ shipped accelerate / DeepSpeed configs parse and name a command that runs distri
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,28 @@ import pytest
 
 from mmdc.cli import MULTI_PROCESS_COMMANDS, main
 
-from .conftest import small_data_overrides
+from .conftest import free_port, small_data_overrides
 
 ACCELERATE_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob(
     "*.yaml"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def one_and_two_ranks(command: str, tmp_path: Path, args: list[str]) -> str:
+    """Run ``mmdc COMMAND`` in one process (run_dir one/) and over 2 CPU ranks with gloo
+    (run_dir two/); returns the 2-rank run's stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launch = {"one": [sys.executable, "-m", "mmdc"],
+              "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "--master_port", str(free_port()), "-m", "mmdc"]}
+    out = {}
+    for name, prefix in launch.items():
+        got = subprocess.run([*prefix, command, f"run_dir={tmp_path / name}", *args], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert got.returncode == 0, (name, got.stderr[-3000:])
+        out[name] = got.stdout
+    return out["two"]
 
 
 def files(run_dir: Path) -> list[str]:
@@ -35,18 +46,8 @@ def test_align_on_two_processes_matches_one(synth_root, tmp_path):
 
     args = [f"data.root={synth_root}", *small_data_overrides(synth_root)[1:],
             "align.train.max_steps=4", "align.train.batch_size=8", "align.train.logging_steps=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    one = subprocess.run([sys.executable, "-m", "mmdc", "align", f"run_dir={tmp_path / 'one'}",
-                          *args], env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "--master_port", str(free_port()), "-m", "mmdc", "align",
-                          f"run_dir={tmp_path / 'two'}", *args], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("aligned student") == 1  # rank 0 reports, once
+    stdout = one_and_two_ranks("align", tmp_path, args)
+    assert stdout.count("aligned student") == 1  # rank 0 reports, once
     a = load_file(tmp_path / "one/align/student/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "two/align/student/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
@@ -81,18 +82,8 @@ def test_run_on_two_processes_writes_the_one_process_run_folder(synth_root, tmp_
 
     args = [f"data.root={synth_root}", *small_data_overrides(synth_root)[1:], *TINY,
             "generate.temperature=0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    one = subprocess.run([sys.executable, "-m", "mmdc", "run", f"run_dir={tmp_path / 'one'}",
-                          *args], env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                          "2", "--master_port", str(free_port()), "-m", "mmdc", "run",
-                          f"run_dir={tmp_path / 'two'}", *args], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("run folder:") == 1
+    stdout = one_and_two_ranks("run", tmp_path, args)
+    assert stdout.count("run folder:") == 1
     assert files(tmp_path / "one") == files(tmp_path / "two")
     def text(run: str, rel: Path) -> str:  # the run folder's own path masked
         return (tmp_path / run / rel).read_text().replace(str(tmp_path / run), "RUN")

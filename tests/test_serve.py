@@ -4,7 +4,6 @@ a fault-injecting proxy (500s, timeouts, a dead endpoint)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,11 @@ from mmdc.generation import Request
 from mmdc.models.backends import OpenAIBackend, image_data_url
 from mmdc.prompts import build_prompt
 
-from .conftest import small_data_overrides
+from .conftest import free_port, small_data_overrides
 
 TOKEN_ENV = "MMDC_TEST_SERVE_TOKEN"
 TOKEN = "s3cret-test-token-7f1c"
 NAME = "toy-teacher"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None):

@@ -230,14 +230,13 @@ def cmd_align(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from mmdc import distributed
     from mmdc.calibrate import run
 
     cfg = _load_cfg(args)
     if getattr(args, "resume", False) and not (Path(cfg.run_dir) / "state.json").is_file():
         raise MmdcError(f"{cfg.run_dir}: nothing to resume (no state.json); run without --resume")
     run_dir = run(cfg)
-    from mmdc import distributed
-
     if distributed.is_main():
         print((run_dir / "report.md").read_text(encoding="utf-8"))
         print(f"run folder: {run_dir}")
@@ -271,15 +270,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
+    from mmdc.config import secret_from_env
     from mmdc.serve import serve
 
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            raise MmdcError(f"--token-env: the environment variable {args.token_env} is not set")
+    token = secret_from_env(args.token_env, "--token-env") if args.token_env else None
     serve(args.checkpoint, adapter=args.adapter, name=args.name, host=args.host,
           port=args.port, token=token, max_bytes=int(args.max_request_mb * 1024 * 1024),
           max_images=args.max_images, max_batch=args.max_batch,

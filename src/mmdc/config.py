@@ -290,6 +290,17 @@ def check_consistent(cfg: Config, source: str = "config") -> None:
                               "teacher's weights in-process (use backend hf)")
 
 
+def secret_from_env(var: str, key: str) -> str:
+    """A secret (API key, server token) from the environment variable ``var`` that the
+    config key or option ``key`` names; secrets never live in configs or run folders."""
+    import os
+
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"{key}: the environment variable {var} is not set")
+    return value
+
+
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

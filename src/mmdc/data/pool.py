@@ -60,6 +60,14 @@ def write_dir_atomic(path: str | Path, save) -> Path:
     return path
 
 
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one row to an append-only JSONL file and flush it; a crash mid-write leaves
+    a torn last line, which :func:`read_jsonl` drops with a warning."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+
 def write_json(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

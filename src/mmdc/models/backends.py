@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -68,11 +67,11 @@ class ResponseCache:
         return self._data.get(key)
 
     def put(self, key: str, text: str) -> None:
+        from mmdc.data.pool import append_jsonl
+
         with self._lock:
             self._data[key] = text
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
-                f.flush()
+            append_jsonl(self.path, {"key": key, "text": text})
 
     def __len__(self) -> int:
         return len(self._data)
@@ -97,12 +96,9 @@ class OpenAIBackend:
         except ImportError:
             raise ModelError("backend openai needs the openai package: "
                              "pip install 'mmdc[openai]'") from None
-        key = None
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ConfigError(f"key 'api_key_env': the environment variable "
-                                  f"{api_key_env} is not set")
+        from mmdc.config import secret_from_env
+
+        key = secret_from_env(api_key_env, "key 'api_key_env'") if api_key_env else None
         self.endpoint = endpoint
         self.model = model
         self.concurrency = concurrency
@@ -135,22 +131,21 @@ class OpenAIBackend:
         del batch_size  # the server batches; concurrency bounds what is in flight
         outputs: list[str | None] = [None] * len(requests)
         jobs = []
-        urls: dict[int, str] = {}  # id(image) -> data URL, each image encoded once
-        for i, r in enumerate(requests):
-            url = None
-            if r.image is not None:
-                url = urls.get(id(r.image)) or urls.setdefault(id(r.image),
-                                                               image_data_url(r.image))
-            messages = chat_messages(r.prompt, url)
+        urls: dict[int, str] = {}  # id(image) -> data URL: each image PNG-encoded once,
+        for i, r in enumerate(requests):  # and only when the cache lacks its answer
             params = self._params(max_new_tokens, do_sample, temperature, top_p,
                                   None if seed is None else seed + i)
-            key = hashlib.sha256(json.dumps([self.model, messages, params],
+            key = hashlib.sha256(json.dumps([self.model, _fingerprint([r]), params],
                                             sort_keys=True).encode()).hexdigest()
             hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
                 outputs[i] = hit
-            else:
-                jobs.append((i, key, messages, params))
+                continue
+            url = None
+            if r.image is not None:
+                url = urls.get(id(r.image)) or urls.setdefault(id(r.image),
+                                                               image_data_url(r.image))
+            jobs.append((i, key, chat_messages(r.prompt, url), params))
         bar = tqdm(total=len(requests), initial=len(requests) - len(jobs),
                    desc=desc or "generate", disable=not progress, leave=False)
 
@@ -329,6 +324,7 @@ class Journaled:
                                        progress=progress, **kwargs)
         import torch
 
+        from mmdc.data.pool import append_jsonl
         from mmdc.faults import maybe_fail
         from mmdc.generation import plan_batches
 
@@ -368,10 +364,8 @@ class Journaled:
                 if torch.cuda.is_available():
                     rng["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
                                    for s in torch.cuda.get_rng_state_all()]
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"call": call, "batch": b, "outputs": texts,
-                                        "rng": rng}, ensure_ascii=False) + "\n")
-                    f.flush()
+                append_jsonl(self.path, {"call": call, "batch": b, "outputs": texts,
+                                         "rng": rng})
                 bar.update(len(idx))
                 maybe_fail(f"{self.label}@{b + 1}")
         finally:
