@@ -66,27 +66,6 @@ def tinted(draw):
     return draw_tinted
 
 
-def sincos_position_init(spec: toy.ToySpec, std: float = 1.0):
-    """A 2-D sine-cosine position table for the vision tower (as in MAE/ViT), scaled to ``std``.
-
-    Row and column each take half the channels, so "same row", "left of" and "above" are
-    near-linear in the patch features. Row 0 is the class token and stays zero."""
-    grid = spec.image_size // spec.patch_size
-    quarter = spec.vision_hidden // 4
-    omega = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-
-    def axis(pos):
-        angles = pos.reshape(-1, 1).float() * omega.reshape(1, -1)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    table = torch.cat([axis(rows), axis(cols)], dim=1)
-    table = torch.nn.functional.pad(table, (0, spec.vision_hidden - table.shape[1]))
-    table = table - table.mean(dim=0, keepdim=True)
-    table = table / table.std() * std
-    return torch.cat([torch.zeros(1, spec.vision_hidden), table], dim=0)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="96,2,4,192,3,4,512", help="the teacher spec by default")
@@ -99,11 +78,11 @@ def main() -> int:
                     "(default all); 'none' for position questions only")
     ap.add_argument("--aux", type=float, default=0.0,
                     help="add this many times --n position questions")
-    ap.add_argument("--pos-std", type=float, default=0.0,
-                    help="re-initialise the vision position embedding with this std")
-    ap.add_argument("--pos-init", default="random", choices=["random", "sincos"],
-                    help="vision position embedding init: random N(0, pos-std) or 2-D sin-cos "
-                         "scaled to std pos-std")
+    ap.add_argument("--pos-std", type=float, default=2.0,
+                    help="scale of the vision position init (ToySpec.position_std)")
+    ap.add_argument("--pos-init", default="sincos", choices=["random", "sincos"],
+                    help="vision position embedding init: the shipped 2-D sin-cos table "
+                         "(toy.sincos_position_table) or random N(0, pos-std)")
     ap.add_argument("--write", type=float, default=0.0, help="share of instance-writing examples")
     ap.add_argument("--caption", type=float, default=0.0, help="share of caption examples")
     ap.add_argument("--tint", type=int, default=0, help="tint empty cells by position")
@@ -117,7 +96,7 @@ def main() -> int:
     if args.tint:
         draw = tinted(synthetic.draw_scene)
         synthetic.draw_scene = lambda scene: draw(scene, args.tint)
-    spec = toy.ToySpec(*[int(x) for x in args.spec.split(",")])
+    spec = toy.ToySpec(*[int(x) for x in args.spec.split(",")], position_std=args.pos_std)
     tok = toy.build_tokenizer(0)
     proc = toy.build_processor(tok, spec)
     keep = set(args.skills.split(",")) if args.skills else set(synthetic.SKILL_NAMES)
@@ -170,11 +149,8 @@ def main() -> int:
 
     tok.padding_side = "left"
     model = toy.build_model(spec, tok, args.seed)
-    pos = model.model.vision_tower.embeddings.position_embedding.weight
-    if args.pos_init == "sincos":
-        with torch.no_grad():
-            pos.copy_(sincos_position_init(spec, args.pos_std or 1.0))
-    elif args.pos_std:
+    if args.pos_init == "random":
+        pos = model.model.vision_tower.embeddings.position_embedding.weight
         torch.nn.init.normal_(pos, std=args.pos_std)
     model.to(args.device)
     print(f"spec {spec}, {sum(p.numel() for p in model.parameters()):,} parameters, "

@@ -16,7 +16,7 @@ $P --steps 1 --skills color $MIX > $OUT/cache2.log 2>&1 &
 wait
 echo "caches built $(date +%T)"
 run() { name=$1; shift; timeout 330 $P "$@" > $OUT/$name.log 2>&1 & }
-run S1 --spec $TS --lr 3e-4 --steps 7000 --pos-std 2.0
+run S1 --spec $TS --lr 3e-4 --steps 7000 --pos-std 2.0 --pos-init random
 run S2 --spec $TS --lr 3e-4 --steps 7000 --pos-std 2.0 --pos-init sincos
 run S3 --spec $TS --lr 3e-4 --steps 9000 --pos-std 2.0 --pos-init sincos --batch-size 16 --eval-every 2000
 run S4 --spec $TS --lr 3e-4 --steps 7000 --pos-std 2.0 --pos-init sincos --lea 0.5

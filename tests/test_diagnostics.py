@@ -33,8 +33,14 @@ def test_solver_agrees_with_every_generated_instance(skill):
     ("What shape is the red object?", ["square", "circle", "triangle"], SCENE, ("shape", 0)),
     ("How many blue shapes are in the picture?", ["0", "1", "2"], SCENE, ("count_color", 2)),
     ("How many shapes are in the picture?", ["1", "2"], SCENE, ("count", None)),  # 3 not offered
-    ("Which direction is the red shape from the green shape?", list(synthetic.DIRECTIONS),
-     SCENE, ("spatial", None)),
+    ("In which part of the map is the red shape?", list(synthetic.REGIONS), SCENE,
+     ("spatial", 0)),
+    # no green shape in the scene
+    ("In which part of the map is the green shape?", list(synthetic.REGIONS), SCENE,
+     ("spatial", None)),
+    # two blue shapes: "the blue shape" names no single object
+    ("In which part of the map is the blue shape?", list(synthetic.REGIONS), SCENE,
+     ("spatial", None)),
     ("Are there more blue shapes or red shapes?", ["blue", "red"], SCENE, ("compare", 0)),
     ("Will these magnets attract or repel each other?", ["attract", "repel"], MAGNETS,
      ("magnets", 1)),

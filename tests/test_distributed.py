@@ -57,18 +57,18 @@ def test_align_on_two_processes_matches_one(synth_root, tmp_path):
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
-def _close(a, b, where=""):
-    """JSON values equal, floats to 1e-5 (2 ranks average a loss in another order)."""
+def _close(a, b, where="", tol=1e-5):
+    """JSON values equal, floats to ``tol`` (2 ranks average a loss in another order)."""
     if isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), where
+        assert abs(a - b) <= tol * max(1.0, abs(a)), where
     elif isinstance(a, dict) and isinstance(b, dict):
         assert a.keys() == b.keys(), where
         for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
+            _close(a[k], b[k], f"{where}.{k}", tol)
     elif isinstance(a, list) and isinstance(b, list):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{where}[{i}]")
+            _close(x, y, f"{where}[{i}]", tol)
     else:
         assert a == b, where
 
@@ -93,7 +93,14 @@ def test_run_on_two_processes_writes_the_one_process_run_folder(synth_root, tmp_
         if path.suffix == ".jsonl":
             assert text("one", rel) == text("two", rel), rel
         elif path.suffix == ".json" and rel.name != "adapter_config.json":
-            _close(json.loads(text("one", rel)), json.loads(text("two", rel)), str(rel))
+            one = json.loads(text("one", rel))
+            tol = 1e-5
+            if rel.name == "imitate.json" and one["trained_on"] % 2 and one["trained_on"] < 24:
+                # an odd number of rows (an unparsable teacher answer dropped) leaves the
+                # last batch of 2 ranks one row short; HF's distributed sampler repeats a
+                # row to even it up, so that step's gradient (and loss) differ slightly
+                tol = 1e-2
+            _close(one, json.loads(text("two", rel)), str(rel), tol)
 
 
 def test_commands_that_stay_in_one_process_refuse_in_one_line(monkeypatch, capsys):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa
@@ -33,6 +34,24 @@ def test_toy_builder_round_trips_through_auto_classes(tmp_path):
     assert count_parameters(loaded.model) == count_parameters(model)
     assert loaded.processor.num_additional_image_tokens == 1
     assert loaded.processor.chat_template == toy.CHAT_TEMPLATE
+
+
+def test_vision_position_table_encodes_rows_and_columns():
+    """The toy vision tower starts with a 2-D sin-cos table: the class token is zero,
+    patches in one row share the row half of the channels, patches in one column the
+    column half, and the table has the spec's scale."""
+    spec = toy.STUDENT_SPEC
+    model = toy.build_model(spec, toy.build_tokenizer())
+    table = model.model.vision_tower.embeddings.position_embedding.weight.detach()
+    assert table.shape == (1 + (spec.image_size // spec.patch_size) ** 2, spec.vision_hidden)
+    assert table[0].abs().max() == 0
+    grid = spec.image_size // spec.patch_size
+    half = spec.vision_hidden // 2
+    patches = table[1:].reshape(grid, grid, -1)
+    rows, cols = patches[..., :half], patches[..., half:]
+    assert torch.allclose(rows[1, 0], rows[1, 3]) and not torch.allclose(rows[0, 0], rows[1, 0])
+    assert torch.allclose(cols[0, 2], cols[3, 2]) and not torch.allclose(cols[0, 0], cols[0, 1])
+    assert abs(table[1:].std().item() - spec.position_std) < 1e-3
 
 
 def test_student_has_at_most_an_eighth_of_teacher_parameters():

