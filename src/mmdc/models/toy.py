@@ -144,7 +144,7 @@ def build_config(spec: ToySpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConf
     )
 
 
-def sincos_position_table(spec: ToySpec) -> "torch.Tensor":
+def sincos_position_table(spec: ToySpec):
     """A 2-D sine-cosine position table for the vision tower (as in MAE), scaled to
     ``spec.position_std``: row and column each take half the channels, so where a patch
     is sits near-linearly in its features from the first step. Row 0 is the class token
