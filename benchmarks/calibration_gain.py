@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def child(run_dir: str, overrides: list[str]) -> int:
 
 def run_one(out: Path, seed: int, strategy: str, args) -> dict:
     run_dir = out / f"seed{seed}_{strategy}"
+    # a fresh run every time: resuming a folder from an earlier benchmark would skip its
+    # finished steps and report their (possibly stale) results and a meaningless wall time
+    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"seed={seed}", f"loop.strategy={strategy}",
                  f"loop.iterations={args.iterations}",
                  f"generate.max_accepted={args.max_accepted}",
