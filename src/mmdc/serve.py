@@ -210,6 +210,12 @@ def create_app(loaded, *, name: str, token: str | None = None,
                 return error(401, "invalid or missing bearer token", "authentication_error")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
+            if int(length) <= 8 * max_bytes:
+                # read (and drop) the rest of a moderately oversized body first: a reply
+                # sent while the client is still writing can reach it as a broken pipe
+                # instead of the 413; far larger bodies are cut off unread
+                async for _ in request.stream():
+                    pass
             return error(413, f"request body of {int(length)} bytes is over the limit of "
                               f"{max_bytes} bytes")
         return await call_next(request)
