@@ -135,7 +135,7 @@ def test_bad_requests_get_a_clear_4xx(server, case, status, words):
 
 def test_oversized_bodies_always_get_the_413(server):
     """The 413 is sent after the body has been read, so the client never sees a broken pipe
-    instead of the reply (before the fix, 2 of 60 such requests failed that way)."""
+    instead of the reply (replying mid-upload made an occasional request fail that way)."""
     body = {"model": NAME, "messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}],
             "max_tokens": 8}
     for _ in range(30):

@@ -208,15 +208,16 @@ def create_app(loaded, *, name: str, token: str | None = None,
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return error(401, "invalid or missing bearer token", "authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            if int(length) <= 8 * max_bytes:
+        length = request.headers.get("content-length", "")
+        size = int(length) if length.isdigit() else 0
+        if size > max_bytes:
+            if size <= 8 * max_bytes:
                 # read (and drop) the rest of a moderately oversized body first: a reply
                 # sent while the client is still writing can reach it as a broken pipe
                 # instead of the 413; far larger bodies are cut off unread
                 async for _ in request.stream():
                     pass
-            return error(413, f"request body of {int(length)} bytes is over the limit of "
+            return error(413, f"request body of {size} bytes is over the limit of "
                               f"{max_bytes} bytes")
         return await call_next(request)
 
