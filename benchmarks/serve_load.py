@@ -60,9 +60,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    from mmdc.data import synthetic
     from mmdc.models.backends import chat_messages, image_data_url
     from mmdc.prompts import build_prompt
+    from mmdc.toy import world
 
     port = free_port()
     env = dict(os.environ, MMDC_LOAD_TOKEN=TOKEN)
@@ -84,7 +84,7 @@ def main() -> int:
                     return 1
                 time.sleep(0.3)
         bodies = []
-        for inst, img in synthetic.generate_split("test", args.requests, 0):
+        for inst, img in world.generate_split("test", args.requests, 0):
             url = image_data_url(img) if img is not None else None
             bodies.append(json.dumps({"model": "m", "max_tokens": args.max_tokens,
                                       "temperature": 0,

@@ -1,171 +1,155 @@
-"""Probe the toy pre-training recipe: how fast does a tiny LLaVA learn each skill?
+"""Probe the toy recipes: per-skill learning curves of each training stage.
 
-Trains one toy spec from scratch on the synthetic ``pretrain`` split (optionally only some
-skills, optionally with auxiliary "In which row/column is the <colour> shape?" questions)
-and prints validation accuracy per skill every ``--eval-every`` steps. Accuracy is the
-greedy first answer token against the right letter on the ``val`` split, CQM-A (one
-forward pass, no generation: a fast proxy for ``mmdc eval``). Used to find a teacher recipe
-that fits the 20-minute CPU build; nothing here is part of the shipped build.
+Builds (or loads) the toy vision tower, assembles a teacher or student on it, and runs the
+role's recipe (:mod:`mmdc.toy.recipe`) stage by stage, printing every ``--eval-every``
+steps the held-out accuracy per skill in the stage's own terms:
 
-    python benchmarks/toy_recipe_probe.py --spec 32,1,2,56,2,2,112 --skills color --steps 1500
-    python benchmarks/toy_recipe_probe.py --skills magnets --pos-std 0.6 --steps 2000
+* a ``vqa`` stage: greedy first token of the short answer (one forward pass);
+* an ``instruct`` stage: ``mmdc eval``'s path (CQM-A through generation, 8 new tokens;
+  CQM-LEA with 64), and, when the stage writes, how many written instances parse and are
+  well-posed with the right label on fresh pool-like images.
 
-``--spec`` is ToySpec's first seven fields: vision hidden, layers, heads, text hidden,
-layers, heads, intermediate. Tokenised data is cached under ``--cache``.
+    python benchmarks/toy_recipe_probe.py --role teacher
+    python benchmarks/toy_recipe_probe.py --role student --eval-every 250
+    python benchmarks/toy_recipe_probe.py --role teacher --stage instruct --init DIR
+
+``--steps S1,S2`` overrides the stages' steps (for a quick look); ``--save DIR`` keeps
+the model after the last stage run; ``--init DIR`` starts from a saved model. Nothing
+here is part of the shipped build, which runs the same stages through ``build_toy``.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import os
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from mmdc.data import synthetic
-from mmdc.data.record import Instance
-from mmdc.generation import chat_text
-from mmdc.models import pretrain, toy
-from mmdc.prompts import build_prompt
+from mmdc.generation import Request, chat_text, generate
+from mmdc.prompts import build_prompt, parse_answer
+from mmdc.toy import build, models, recipe, world
+from mmdc.toy.diagnostics import writing_check
 
 
-def position_questions(n: int, seed: int) -> list[tuple[Instance, dict]]:
-    """Auxiliary grounding questions: the row or column of the one shape of a colour."""
-    rng = random.Random(f"probe-aux-{seed}")
-    out = []
-    while len(out) < n:
-        scene = synthetic.random_object_scene(rng, 1, 6)
-        objs = scene["objects"]
-        unique = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
-        if not unique:
-            continue
-        o = rng.choice(unique)
-        which = rng.choice(["row", "column"])
-        value = o["row"] if which == "row" else o["col"]
-        out.append((Instance(id=f"aux{len(out)}", image="aux",
-                             question=f"In which {which} is the {o['color']} shape?",
-                             choices=["1", "2", "3", "4"], answer=value, skill="position"),
-                    scene))
+def vqa_accuracy(model, processor, val) -> dict[str, float]:
+    tok = processor.tokenizer
+    hits = defaultdict(list)
+    for with_image in (True, False):
+        items = [i for i in val if (i.image is not None) == with_image]
+        for s in range(0, len(items), 64):
+            part = items[s:s + 64]
+            texts = [chat_text(processor, world.vqa_prompt(i), with_image) for i in part]
+            images = [world.draw_scene(i.meta["scene"]) for i in part] if with_image else None
+            side = tok.padding_side
+            tok.padding_side = "left"
+            enc = processor(text=texts, images=images, padding=True, return_tensors="pt",
+                            add_special_tokens=False)
+            tok.padding_side = side
+            with torch.no_grad():
+                pred = model(**enc).logits[:, -1].argmax(-1).tolist()
+            for i, p in zip(part, pred):
+                first = tok(" " + world.vqa_answer(i), add_special_tokens=False)["input_ids"][0]
+                hits[i.skill].append(p == first)
+    return _summary(hits)
+
+
+def _summary(hits) -> dict[str, float]:
+    out = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    out["avg"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     return out
 
 
-def tinted(draw):
-    """Wrap draw_scene: tint empty pixels by their cell's row (red) and column (blue)."""
-    def draw_tinted(scene, amount):
-        img = draw(scene)
-        px = img.load()
-        for y in range(img.height):
-            for x in range(img.width):
-                if px[x, y] == (255, 255, 255):
-                    r, c = y // synthetic.CELL, x // synthetic.CELL
-                    px[x, y] = (255 - amount * r, 255, 255 - amount * c)
-        return img
-    return draw_tinted
+def answer_accuracy(model, processor, val, fmt: str, max_new_tokens: int) -> dict[str, float]:
+    reqs = [Request(build_prompt(i, fmt), world.draw_scene(i.meta["scene"])
+                    if i.meta.get("scene") else None) for i in val]
+    outs = generate(model, processor, reqs, max_new_tokens=max_new_tokens, batch_size=64,
+                    progress=False)
+    hits = defaultdict(list)
+    for i, o in zip(val, outs):
+        hits[i.skill].append(parse_answer(o, len(i.choices)) == i.answer)
+    return _summary(hits)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default="96,2,4,192,3,4,512", help="the teacher spec by default")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--n", type=int, default=30000, help="pretrain instances drawn")
-    ap.add_argument("--skills", default="", help="comma list to train and validate on "
-                    "(default all); 'none' for position questions only")
-    ap.add_argument("--aux", type=float, default=0.0,
-                    help="add this many times --n position questions")
-    ap.add_argument("--pos-std", type=float, default=2.0,
-                    help="scale of the vision position init (ToySpec.position_std)")
-    ap.add_argument("--pos-init", default="sincos", choices=["random", "sincos"],
-                    help="vision position embedding init: the shipped 2-D sin-cos table "
-                         "(toy.sincos_position_table) or random N(0, pos-std)")
-    ap.add_argument("--write", type=float, default=0.0, help="share of instance-writing examples")
-    ap.add_argument("--caption", type=float, default=0.0, help="share of caption examples")
-    ap.add_argument("--tint", type=int, default=0, help="tint empty cells by position")
-    ap.add_argument("--lea", type=float, default=0.0, help="share of CQM-LEA targets")
+    ap.add_argument("--role", default="teacher", choices=list(build.ROLES))
+    ap.add_argument("--stage", default=None, help="run only this stage (default: all)")
+    ap.add_argument("--steps", default=None, help="comma list overriding each stage's steps")
+    ap.add_argument("--lr", type=float, default=None, help="override every stage's lr")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--tower", default=None, help="a built vision folder (default: build one "
+                    "into --work)")
+    ap.add_argument("--init", default=None, help="start from this saved model folder")
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--work", default="runs/probe")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cache", default="runs/probe_cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.tint:
-        draw = tinted(synthetic.draw_scene)
-        synthetic.draw_scene = lambda scene: draw(scene, args.tint)
-    spec = toy.ToySpec(*[int(x) for x in args.spec.split(",")], position_std=args.pos_std)
-    tok = toy.build_tokenizer(0)
-    proc = toy.build_processor(tok, spec)
-    keep = set(args.skills.split(",")) if args.skills else set(synthetic.SKILL_NAMES)
-    keep.add("position")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    spec, the_recipe = build.ROLES[args.role]
+    stages = list(the_recipe.stages)
+    if args.steps:
+        stages = [replace(s, steps=int(n)) for s, n in zip(stages, args.steps.split(","))]
+    if args.lr:
+        stages = [replace(s, lr=args.lr) for s in stages]
+    if args.stage:
+        stages = [s for s in stages if s.name == args.stage]
+    tower_dir = Path(args.tower) if args.tower else Path(args.work) / build.VISION
+    if not (tower_dir / "model.safetensors").is_file():
+        stats = build.build_vision(tower_dir, args.seed)["pretraining"]
+        print(f"vision tower: {stats['steps']} steps, {stats['seconds']}s, held-out "
+              f"{stats['heldout_acc']}", flush=True)
+    tower = build.load_tower(tower_dir)
+    tok = models.build_tokenizer(args.seed)
+    if args.init:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    cache = Path(args.cache) / f"pretrain_{args.n}_{args.lea}_{args.tint}_{args.write}_{args.caption}.pt"
-    instances = [i for i, _ in synthetic.generate_split("pretrain", args.n, 0)]
-    if cache.is_file():
-        data = torch.load(cache, weights_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(args.init)
+        processor = AutoProcessor.from_pretrained(args.init)
     else:
-        recipe = pretrain.Recipe(steps=1, lr=1.0, lea_fraction=args.lea,
-                                 write_fraction=args.write, caption_fraction=args.caption)
-        data = pretrain.tokenize_examples(proc, pretrain.build_examples(instances, recipe, 0))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, cache)
-    data = [d for d, inst in zip(data, instances) if inst.skill in keep]
-    val = [(i, i.meta.get("scene")) for i, _ in synthetic.generate_split("val", 480, 0)
-           if i.skill in keep]
-    if args.aux:
-        aux = position_questions(int(args.aux * args.n), 7)
-        data += pretrain.tokenize_examples(proc, [
-            pretrain.Example(build_prompt(i, "CQM-A"), s, i.answer_letter) for i, s in aux])
-        val += position_questions(200, 8)
-    if not data:
-        raise SystemExit("no training data: check --skills / --aux")
+        model = models.build_model(spec, tok, seed=args.seed, tower=tower)
+        processor = models.build_processor(tok)
+    model.model.vision_tower.requires_grad_(False)
+    val = world.sample_instances(320, recipe.ALL_SKILLS, "probe-val", args.seed, "val")
+    for stage in stages:
+        data = recipe.tokenize_examples(processor, recipe.build_examples(stage, args.seed))
+        print(f"== {args.role} {stage.name}: {stage.steps} steps, lr {stage.lr}, formats "
+              f"{stage.formats}, {len(data)} examples", flush=True)
+        start = time.time()
 
-    letters = [tok(" " + x, add_special_tokens=False)["input_ids"][0] for x in "ABCDEF"]
-    texts = [chat_text(proc, build_prompt(i, "CQM-A"), s is not None) for i, s in val]
-    images = [synthetic.draw_scene(s) if s is not None else None for _, s in val]
+        def report(step, losses, stage=stage, start=start):
+            if step % args.eval_every and step != stage.steps:
+                return
+            loss = sum(losses[-50:]) / len(losses[-50:])
+            line = f"step {step} loss {loss:.3f} {time.time() - start:.0f}s"
+            if set(stage.formats) == {"vqa"}:
+                parts = {"vqa": vqa_accuracy(model, processor, val)}
+            else:
+                parts = {"CQM-A": answer_accuracy(model, processor, val, "CQM-A", 8),
+                         "CQM-LEA": answer_accuracy(model, processor, val, "CQM-LEA", 64)}
+            for name, acc in parts.items():
+                line += f" | {name} " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
+            if "write" in stage.formats:
+                w = writing_check(model, processor, seed=args.seed)
+                line += (f" | write parsed {w['parsed']}/{w['asked']} right {w['correct']} "
+                         f"ill-posed {w['ill_posed']} wrong {w['wrong']} "
+                         f"off {w['off_template']}")
+            model.train()
+            print(line, flush=True)
 
-    @torch.no_grad()
-    def evaluate(model) -> dict[str, float]:
-        model.eval()
-        hits = defaultdict(list)
-        for with_image in (True, False):
-            idx = [k for k in range(len(val)) if (images[k] is not None) == with_image]
-            for s in range(0, len(idx), 64):
-                b = idx[s:s + 64]
-                enc = proc(text=[texts[k] for k in b],
-                           images=[images[k] for k in b] if with_image else None,
-                           padding=True, return_tensors="pt", add_special_tokens=False)
-                enc = {k: v.to(args.device) for k, v in enc.items()}
-                pred = model(**enc).logits[:, -1].argmax(-1).tolist()
-                for k, p in zip(b, pred):
-                    hits[val[k][0].skill].append(p == letters[val[k][0].answer])
-        model.train()
-        out = {s: sum(h) / len(h) for s, h in sorted(hits.items())}
-        out["avg"] = sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
-        return out
-
-    tok.padding_side = "left"
-    model = toy.build_model(spec, tok, args.seed)
-    if args.pos_init == "random":
-        pos = model.model.vision_tower.embeddings.position_embedding.weight
-        torch.nn.init.normal_(pos, std=args.pos_std)
-    model.to(args.device)
-    print(f"spec {spec}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(data)} training examples, {len(val)} validation items", flush=True)
-    recipe = pretrain.Recipe(steps=args.steps, lr=args.lr, batch_size=args.batch_size)
-    start = time.time()
-
-    def report(step: int, losses: list[float]) -> None:
-        if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(model)
-            print(f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
-                  f"{time.time() - start:.0f}s " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()),
-                  flush=True)
-
-    pretrain.train(model, proc, data, recipe, seed=args.seed, desc="probe", on_step=report)
+        recipe.train(model, processor, data, stage, seed=args.seed,
+                     desc=f"{args.role} {stage.name}", on_step=report)
+        if not build.tower_unchanged(model, tower) and not args.init:
+            raise SystemExit("the frozen tower changed")
+    if args.save:
+        model.save_pretrained(args.save)
+        processor.save_pretrained(args.save)
     return 0
 
 

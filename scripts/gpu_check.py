@@ -55,10 +55,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch", file=sys.stderr)
         return 2
-    from mmdc.data import synthetic
     from mmdc.generation import Request
     from mmdc.models.load import load_model
     from mmdc.prompts import build_prompt
+    from mmdc.toy import world
 
     rows = [("device", torch.cuda.get_device_name(0)), ("torch", torch.__version__)]
     out = Path(args.out)
@@ -79,7 +79,7 @@ def main() -> int:
                  ("  student test accuracy", f"{metrics['student']['columns']['Avg']['acc']:.2f}")]
 
     requests = [Request(build_prompt(inst, "CQM-LEA"), img)
-                for inst, img in synthetic.generate_split("test", args.requests, 0)]
+                for inst, img in world.generate_split("test", args.requests, 0)]
     loaded = load_model(args.model, dtype="bfloat16", device="cuda")
     tok = loaded.processor.tokenizer
     for bs in (1, args.batch_size):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmdc.data.load import write_synthetic_task
-from mmdc.data.synthetic import TaskSizes
+from mmdc.toy.world import TaskSizes
 
 MINI = Path(__file__).parent / "data" / "scienceqa_mini"
 SMALL = TaskSizes(pretrain=0, train=24, pool=8, val=16, test=32)

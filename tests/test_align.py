@@ -7,16 +7,16 @@ from safetensors.torch import load_file
 from mmdc.config import LoraConfigSection, TrainConfig
 from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa
-from mmdc.models import toy
 from mmdc.models.load import load_model
 from mmdc.stages.align import apply_lora, export_merged, sft_rows, train_sft
+from mmdc.toy import models as toy
 
 
 def test_align_lora_on_language_model_with_projector(synth_root, tmp_path):
     tok = toy.build_tokenizer()
     spec = toy.STUDENT_SPEC
     model = toy.build_model(spec, tok)
-    processor = toy.build_processor(tok, spec)
+    processor = toy.build_processor(tok)
     vision_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     split = Split("train", synth_root, read_scienceqa(synth_root, "train"))
     rows = sft_rows(split.instances, [split.image(i) for i in split.instances])
@@ -61,7 +61,7 @@ def test_non_finite_loss_stops_training_and_saves_nothing(synth_root, tmp_path):
 
     tok = toy.build_tokenizer()
     model = toy.build_model(toy.STUDENT_SPEC, tok)
-    processor = toy.build_processor(tok, toy.STUDENT_SPEC)
+    processor = toy.build_processor(tok)
     split = Split("train", synth_root, read_scienceqa(synth_root, "train"))
     rows = sft_rows(split.instances[:16], [split.image(i) for i in split.instances[:16]])
     peft_model = apply_lora(model, LoraConfigSection(r=4, alpha=8))
@@ -87,7 +87,7 @@ def test_out_of_memory_in_training_retries_with_a_smaller_batch(synth_root, tmp_
             return super().training_step(model, inputs, *args, **kwargs)
 
     tok = toy.build_tokenizer()
-    processor = toy.build_processor(tok, toy.STUDENT_SPEC)
+    processor = toy.build_processor(tok)
     split = Split("train", synth_root, read_scienceqa(synth_root, "train"))
     rows = sft_rows(split.instances[:16], [split.image(i) for i in split.instances[:16]])
 

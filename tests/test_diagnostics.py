@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from mmdc.data import synthetic
 from mmdc.data.pool import write_json, write_jsonl
-from mmdc.diagnostics import check_record, format_diagnostics, iteration_diagnostics
+from mmdc.toy import world
+from mmdc.toy.diagnostics import check_record, format_diagnostics, iteration_diagnostics
 
 SCENE = {"kind": "objects", "objects": [
     {"row": 0, "col": 0, "shape": "square", "color": "red"},
@@ -17,12 +17,12 @@ SCENE = {"kind": "objects", "objects": [
 MAGNETS = {"kind": "magnets", "row": 1, "poles": ["N", "S", "S", "N"]}
 
 
-@pytest.mark.parametrize("skill", synthetic.SKILL_NAMES)
+@pytest.mark.parametrize("skill", world.SKILL_NAMES)
 def test_solver_agrees_with_every_generated_instance(skill):
     rng = random.Random(skill)
     for n in range(200):
-        inst = synthetic.make_instance(skill, rng, f"x{n}", "test")
-        sol = synthetic.solve(inst.question, inst.choices, inst.meta.get("scene"))
+        inst = world.make_instance(skill, rng, f"x{n}", "test")
+        sol = world.solve(inst.question, inst.choices, inst.meta.get("scene"))
         assert (sol.skill, sol.answer) == (skill, inst.answer)
 
 
@@ -33,13 +33,13 @@ def test_solver_agrees_with_every_generated_instance(skill):
     ("What shape is the red object?", ["square", "circle", "triangle"], SCENE, ("shape", 0)),
     ("How many blue shapes are in the picture?", ["0", "1", "2"], SCENE, ("count_color", 2)),
     ("How many shapes are in the picture?", ["1", "2"], SCENE, ("count", None)),  # 3 not offered
-    ("In which part of the map is the red shape?", list(synthetic.REGIONS), SCENE,
+    ("In which part of the map is the red shape?", list(world.REGIONS), SCENE,
      ("spatial", 0)),
     # no green shape in the scene
-    ("In which part of the map is the green shape?", list(synthetic.REGIONS), SCENE,
+    ("In which part of the map is the green shape?", list(world.REGIONS), SCENE,
      ("spatial", None)),
     # two blue shapes: "the blue shape" names no single object
-    ("In which part of the map is the blue shape?", list(synthetic.REGIONS), SCENE,
+    ("In which part of the map is the blue shape?", list(world.REGIONS), SCENE,
      ("spatial", None)),
     ("Are there more blue shapes or red shapes?", ["blue", "red"], SCENE, ("compare", 0)),
     ("Will these magnets attract or repel each other?", ["attract", "repel"], MAGNETS,
@@ -51,7 +51,7 @@ def test_solver_agrees_with_every_generated_instance(skill):
     ("Is the sky blue?", ["yes", "no"], SCENE, (None, None)),
 ])
 def test_solver_cases(question, choices, scene, expected):
-    sol = synthetic.solve(question, choices, scene)
+    sol = world.solve(question, choices, scene)
     assert (sol.skill, sol.answer) == expected
 
 

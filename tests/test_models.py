@@ -6,9 +6,9 @@ import torch
 from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa
 from mmdc.generation import Request, generate
-from mmdc.models import toy
-from mmdc.models.build import MANIFEST, expected_manifest
 from mmdc.models.load import TOY_DIR, count_parameters, load_model, vocab_report
+from mmdc.toy import models as toy
+from mmdc.toy.build import MANIFEST, VISION, expected_manifest, expected_vision_manifest
 
 
 def test_plain_transformers_checkpoint_loads_and_generates(plain_llava, synth_root):
@@ -25,7 +25,7 @@ def test_toy_builder_round_trips_through_auto_classes(tmp_path):
     assert toy.build_tokenizer().get_vocab() == tok.get_vocab()  # deterministic
     spec = toy.STUDENT_SPEC
     model = toy.build_model(spec, tok)
-    toy.build_processor(tok, spec).save_pretrained(tmp_path)
+    toy.build_processor(tok).save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
@@ -40,13 +40,13 @@ def test_vision_position_table_encodes_rows_and_columns():
     """The toy vision tower starts with a 2-D sin-cos table: the class token is zero,
     patches in one row share the row half of the channels, patches in one column the
     column half, and the table has the spec's scale."""
-    spec = toy.STUDENT_SPEC
-    model = toy.build_model(spec, toy.build_tokenizer())
-    table = model.model.vision_tower.embeddings.position_embedding.weight.detach()
-    assert table.shape == (1 + (spec.image_size // spec.patch_size) ** 2, spec.vision_hidden)
+    spec = toy.VISION_SPEC
+    tower = toy.build_vision_tower(spec)
+    table = tower.embeddings.position_embedding.weight.detach()
+    assert table.shape == (1 + (spec.image_size // spec.patch_size) ** 2, spec.hidden)
     assert table[0].abs().max() == 0
     grid = spec.image_size // spec.patch_size
-    half = spec.vision_hidden // 2
+    half = spec.hidden // 2
     patches = table[1:].reshape(grid, grid, -1)
     rows, cols = patches[..., :half], patches[..., half:]
     assert torch.allclose(rows[1, 0], rows[1, 3]) and not torch.allclose(rows[0, 0], rows[1, 0])
@@ -54,21 +54,34 @@ def test_vision_position_table_encodes_rows_and_columns():
     assert abs(table[1:].std().item() - spec.position_std) < 1e-3
 
 
-def test_student_has_at_most_an_eighth_of_teacher_parameters():
+def test_teacher_and_student_share_the_tower_and_the_student_is_much_smaller():
+    """Both are assembled on one tower (its tensors copied in unchanged); the student has
+    at most a quarter of the teacher's parameters and at most an eighth of its language
+    model's."""
     tok = toy.build_tokenizer()
-    t = count_parameters(toy.build_model(toy.TEACHER_SPEC, tok))
-    s = count_parameters(toy.build_model(toy.STUDENT_SPEC, tok))
-    assert s * 8 <= t
+    tower = toy.build_vision_tower(seed=3)
+    teacher = toy.build_model(toy.TEACHER_SPEC, tok, tower=tower)
+    student = toy.build_model(toy.STUDENT_SPEC, tok, tower=tower)
+    for model in (teacher, student):
+        mine = model.model.vision_tower.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in tower.state_dict().items())
+    assert count_parameters(student) * 4 <= count_parameters(teacher)
+    lm = [count_parameters(m.model.language_model) for m in (teacher, student)]
+    assert lm[1] * 8 <= lm[0]
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
 def test_shipped_toy_checkpoints_match_current_builder(role):
+    """The shipped checkpoints were built by the current recipe, tokenizer and configs,
+    on the shipped tower, whose tensors they carry unchanged."""
+    from safetensors.torch import load_file
+
     folder = TOY_DIR / role
     assert (folder / "model.safetensors").is_file(), "run: mmdc models build-toy"
     tok = toy.build_tokenizer()
     manifest = json.loads((folder / MANIFEST).read_text())
-    want = expected_manifest(role, tok)
-    for key in ("spec", "recipe", "tokenizer", "seed", "pretrain_size"):
+    want = json.loads(json.dumps(expected_manifest(role, tok, TOY_DIR / VISION)))
+    for key in want:
         assert manifest[key] == want[key], f"{role} {key} is stale: run mmdc models build-toy --force"
     spec = toy.TEACHER_SPEC if role == "teacher" else toy.STUDENT_SPEC
     shipped = json.loads((folder / "config.json").read_text())
@@ -79,6 +92,23 @@ def test_shipped_toy_checkpoints_match_current_builder(role):
                 assert shipped[section][key] == built[section][key], (section, key)
     loaded = load_model(f"builtin:{role}", device="cpu")
     assert loaded.tokenizer.get_vocab() == tok.get_vocab()
+    tower = load_file(TOY_DIR / VISION / "model.safetensors")
+    mine = loaded.model.model.vision_tower.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in tower.items())
+
+
+def test_shipped_vision_tower_matches_current_objective():
+    from transformers import CLIPVisionModel
+
+    manifest = json.loads((TOY_DIR / VISION / MANIFEST).read_text())
+    want = json.loads(json.dumps(expected_vision_manifest()))
+    for key in want:
+        assert manifest[key] == want[key], f"vision {key} is stale: run mmdc models build-toy --force"
+    tower = CLIPVisionModel.from_pretrained(TOY_DIR / VISION, local_files_only=True)
+    assert tower.config.hidden_size == toy.VISION_SPEC.hidden
+    acc = manifest["pretraining"]["heldout_acc"]
+    assert min(acc[k] for k in ("content", "color", "shape", "pole", "row", "col")) >= 99.0
+    assert min(acc.values()) >= 95.0
 
 
 def test_shipped_checkpoints_are_small_safetensors():

@@ -45,7 +45,7 @@ def build_tiny(arch: str, folder: Path, hidden: int, layers: int) -> Path:
         LlavaProcessor,
     )
 
-    from mmdc.models.toy import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+    from mmdc.toy.models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer(0)

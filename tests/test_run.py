@@ -87,6 +87,24 @@ def test_export_merged_student_loads_as_plain_hf(finished_run, tmp_path):
     assert (tmp_path / "student" / "model.safetensors").is_file()
 
 
+def test_calibration_run_keeps_the_vision_tower_frozen(finished_run, tmp_path):
+    """After alignment and a calibration iteration, the student exported from the run
+    carries the shipped toy tower's tensors bit for bit (LLaVA keeps CLIP frozen)."""
+    from safetensors.torch import load_file
+
+    from mmdc.models.load import TOY_DIR, load_model
+    from mmdc.toy.build import VISION
+
+    run_dir, _ = finished_run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "student")]) == 0
+    mine = load_model(str(tmp_path / "student"), device="cpu").model.model.vision_tower
+    shipped = load_file(TOY_DIR / VISION / "model.safetensors")
+    state = mine.state_dict()
+    assert set(state) == set(shipped)
+    for key, value in shipped.items():
+        assert bool((state[key] == value).all()), key
+
+
 def test_resume_with_a_changed_config_is_refused_and_loses_nothing(finished_run, capsys):
     run_dir, args = finished_run
     saved = (run_dir / "config.yaml").read_text()

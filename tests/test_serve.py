@@ -15,11 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mmdc.cli import main
-from mmdc.data import synthetic
 from mmdc.errors import BackendError
 from mmdc.generation import Request
 from mmdc.models.backends import OpenAIBackend, image_data_url
 from mmdc.prompts import build_prompt
+from mmdc.toy import world
 
 from .conftest import free_port, small_data_overrides
 
@@ -70,7 +70,7 @@ def server():
 @pytest.fixture(scope="module")
 def requests_():
     out = []
-    for inst, img in synthetic.generate_split("test", 10, 0):
+    for inst, img in world.generate_split("test", 10, 0):
         out.append(Request(build_prompt(inst, "CQM-LEA"), img))
     return out
 
@@ -146,7 +146,7 @@ def test_oversized_bodies_always_get_the_413(server):
 def test_concurrent_requests_are_all_answered(server):
     """Many requests at once (batched on the server; the tokenizer is not thread-safe)."""
     reqs = [Request(build_prompt(inst, "CQM-LEA"), img)
-            for inst, img in synthetic.generate_split("val", 48, 1)]
+            for inst, img in world.generate_split("val", 48, 1)]
     served = backend(server, concurrency=16).generate(reqs, max_new_tokens=24)
     assert len(served) == 48 and all(served)
     assert served == backend(server, concurrency=1).generate(reqs, max_new_tokens=24)

@@ -1,70 +1,70 @@
 import random
 from collections import Counter
 
-from mmdc.data import synthetic
 from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa
 from mmdc.evaluation import columns_of
+from mmdc.toy import world
 
 from .conftest import SMALL
 
 
 def test_deterministic_by_seed():
     a = [(i.to_dict(), img.tobytes() if img else None)
-         for i, img in synthetic.generate_split("test", 20, seed=3)]
+         for i, img in world.generate_split("test", 20, seed=3)]
     b = [(i.to_dict(), img.tobytes() if img else None)
-         for i, img in synthetic.generate_split("test", 20, seed=3)]
-    c = [i.to_dict() for i, _ in synthetic.generate_split("test", 20, seed=4)]
+         for i, img in world.generate_split("test", 20, seed=3)]
+    c = [i.to_dict() for i, _ in world.generate_split("test", 20, seed=4)]
     assert a == b
     assert [x for x, _ in a] != c
 
 
 def test_at_least_six_skills_graded():
-    assert len(synthetic.SKILLS) >= 6
-    grades = [s.grade for s in synthetic.SKILLS.values()]
+    assert len(world.SKILLS) >= 6
+    grades = [s.grade for s in world.SKILLS.values()]
     assert grades == sorted(grades)
-    assert synthetic.HARD_SKILLS and synthetic.EASY_SKILLS
+    assert world.HARD_SKILLS and world.EASY_SKILLS
 
 
 def test_answers_follow_from_the_scene():
     rng = random.Random(0)
     for _ in range(200):
-        inst = synthetic.make_instance("count_color", rng, "x", "t")
+        inst = world.make_instance("count_color", rng, "x", "t")
         color = inst.question.split()[2]
         n = sum(o["color"] == color for o in inst.meta["scene"]["objects"])
         assert inst.choices[inst.answer] == str(n)
-        inst = synthetic.make_instance("magnets", rng, "x", "t")
+        inst = world.make_instance("magnets", rng, "x", "t")
         poles = inst.meta["scene"]["poles"]
         assert inst.choices[inst.answer] == ("attract" if poles[1] != poles[2] else "repel")
-        inst = synthetic.make_instance("compare", rng, "x", "t")
+        inst = world.make_instance("compare", rng, "x", "t")
         objs = inst.meta["scene"]["objects"]
         counts = {c: sum(o["color"] == c for o in objs) for c in inst.choices}
         assert inst.choices[inst.answer] == max(counts, key=counts.get)
-        inst = synthetic.make_instance("alphabet", rng, "x", "t")
+        inst = world.make_instance("alphabet", rng, "x", "t")
         assert inst.choices[inst.answer] == min(inst.choices) and inst.image is None
 
 
 def test_drawn_pixels_match_scene():
     scene = {"kind": "objects", "objects": [{"row": 1, "col": 2, "shape": "square",
                                              "color": "blue"}]}
-    img = synthetic.draw_scene(scene)
+    img = world.draw_scene(scene)
     assert img.size == (32, 32)
-    assert img.getpixel((2 * 8 + 3, 1 * 8 + 3)) == synthetic.COLORS["blue"]
+    assert img.getpixel((2 * 8 + 3, 1 * 8 + 3)) == world.COLORS["blue"]
     assert img.getpixel((3, 3)) == (255, 255, 255)
 
 
 def test_every_scienceqa_column_has_items():
-    insts = [i for i, _ in synthetic.generate_split("test", 400, seed=0)]
+    insts = [i for i, _ in world.generate_split("test", 400, seed=0)]
     cols = Counter(c for i in insts for c in columns_of(i))
     for col in ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"):
         assert cols[col] > 0, col
 
 
 def test_seed_split_is_skewed_test_split_balanced():
-    train = Counter(i.skill for i, _ in synthetic.generate_split("train", 400, seed=0))
-    test = Counter(i.skill for i, _ in synthetic.generate_split("test", 400, seed=0))
-    for hard in synthetic.HARD_SKILLS:
-        for easy in synthetic.EASY_SKILLS:
+    train = Counter(i.skill for i, _ in world.generate_split("train", 400, seed=0))
+    test = Counter(i.skill for i, _ in world.generate_split("test", 400, seed=0))
+    for hard in world.HARD_SKILLS:
+        for easy in world.EASY_SKILLS:
             assert train[hard] * 3 < train[easy]
     assert max(test.values()) - min(test.values()) <= 2
 

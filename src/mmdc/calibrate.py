@@ -34,11 +34,11 @@ from mmdc.data.pool import (
     write_text_atomic,
 )
 from mmdc.data.record import Instance
-from mmdc.diagnostics import format_diagnostics
 from mmdc.errors import ConfigError, MmdcError
 from mmdc.evaluation import evaluate, format_columns, format_skills
 from mmdc.models.load import load_configured
 from mmdc.stages.generate import DROP_REASONS
+from mmdc.toy.diagnostics import format_diagnostics
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def write_report(run_dir: Path, iterations: int) -> Path:
 def _diagnostics(run_dir: Path, iterations: int) -> dict:
     """Ground-truth diagnostics when the run's data is the built-in synthetic task."""
     from mmdc.config import load_config
-    from mmdc.diagnostics import pool_scenes, run_diagnostics
+    from mmdc.toy.diagnostics import pool_scenes, run_diagnostics
 
     try:
         cfg = load_config(run_dir / "config.yaml")

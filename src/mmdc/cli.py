@@ -4,7 +4,7 @@
     mmdc data export [CONFIG] [k=v ...]  convert a configured split to LLaVA JSON or a pool
     mmdc eval [CONFIG] [k=v ...]         evaluate a model on a split (ScienceQA columns)
     mmdc align [CONFIG] [k=v ...]        stage 1: LoRA alignment (PEFT adapter folders)
-    mmdc models build-toy                build the toy teacher and student checkpoints
+    mmdc models build-toy                build the toy vision tower, teacher and student
     mmdc models info [PATH ...]          parameters and vocabulary sharing
     mmdc run [CONFIG] [k=v ...]          the whole pipeline; rerun into the same folder resumes
     mmdc calibrate [CONFIG] [k=v ...]    the calibration iterations (after align)
@@ -77,7 +77,7 @@ def _load_cfg(args):
 
 def cmd_data_synth(args) -> int:
     from mmdc.data.load import write_synthetic_task
-    from mmdc.data.synthetic import TaskSizes
+    from mmdc.toy.world import TaskSizes
 
     sizes = TaskSizes(pretrain=args.pretrain, train=args.train, pool=args.pool, val=args.val,
                       test=args.test)
@@ -179,8 +179,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_models_build(args) -> int:
-    from mmdc.models.build import build_toy
     from mmdc.models.load import TOY_DIR
+    from mmdc.toy.build import build_toy
 
     out = Path(args.out) if args.out else TOY_DIR
     start = time.time()
@@ -366,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model tools").add_subparsers(
         dest="models_command", required=True, metavar="SUBCOMMAND")
-    build = models.add_parser("build-toy", help="build the toy teacher and student "
-                              "(cached: reused unless --force)")
+    build = models.add_parser("build-toy", help="build the toy vision tower, teacher and "
+                              "student (cached: reused unless --force)")
     build.add_argument("--out", default=None, help="folder (default: the package's "
-                       "toy_checkpoints)")
+                       "toy/checkpoints)")
     build.add_argument("--force", action="store_true", help="rebuild even if built")
     build.set_defaults(func=cmd_models_build)
     info = models.add_parser("info", help="parameter counts and vocabulary sharing")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmdc.data import synthetic
 from mmdc.data.images import ImageCache
 from mmdc.data.pool import read_jsonl, write_json, write_jsonl
 from mmdc.data.record import Instance
 from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf, write_scienceqa
 from mmdc.errors import DataError
+from mmdc.toy import world
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,16 @@ class Split:
             self.image(inst)
 
 
-def write_synthetic_task(out: str | Path, sizes: synthetic.TaskSizes, seed: int = 0) -> Path:
+def write_synthetic_task(out: str | Path, sizes: world.TaskSizes, seed: int = 0) -> Path:
     """Write the built-in synthetic task in the official ScienceQA layout plus an
     unlabelled image pool (``pool.jsonl`` and ``images/pool/<id>/image.png``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = {name: synthetic.generate_split(name, getattr(sizes, name), seed)
+    splits = {name: world.generate_split(name, getattr(sizes, name), seed)
               for name in ("pretrain", "train", "val", "test") if getattr(sizes, name) > 0}
     write_scienceqa(out, splits)
     pool_rows = []
-    for pid, scene, image in synthetic.generate_pool(sizes.pool, seed):
+    for pid, scene, image in world.generate_pool(sizes.pool, seed):
         folder = out / "images" / "pool" / pid
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / "image.png")
@@ -67,7 +67,7 @@ def write_synthetic_task(out: str | Path, sizes: synthetic.TaskSizes, seed: int 
 def ensure_synthetic(root: str | Path, synth_cfg) -> Path:
     """Write the synthetic task into ``root`` unless the same one is already there."""
     root = Path(root)
-    sizes = synthetic.TaskSizes(**{k: getattr(synth_cfg, k) for k in synthetic.TaskSizes.__dataclass_fields__})
+    sizes = world.TaskSizes(**{k: getattr(synth_cfg, k) for k in world.TaskSizes.__dataclass_fields__})
     want = {"seed": synth_cfg.seed, "sizes": sizes.__dict__}
     marker = root / SYNTH_MARKER
     if marker.is_file():

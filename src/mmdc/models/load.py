@@ -16,7 +16,7 @@ from mmdc.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-TOY_DIR = Path(__file__).resolve().parent.parent / "toy_checkpoints"
+TOY_DIR = Path(__file__).resolve().parent.parent / "toy" / "checkpoints"
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("teacher", "student")
 

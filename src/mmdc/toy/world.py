@@ -172,6 +172,19 @@ def describe_scene(scene: dict) -> str:
 
 CAPTION_PROMPT = "Describe the picture."
 
+
+def vqa_prompt(inst: Instance) -> str:
+    """The short-answer form of a question (as in LLaVA-1.5's VQA data): the question
+    alone, with the words to choose from when the question does not name them."""
+    if inst.skill == "alphabet":
+        return f"{inst.question} {', '.join(inst.choices)}"
+    return inst.question
+
+
+def vqa_answer(inst: Instance) -> str:
+    """The short answer: the right option's text ("red", "3", "attract")."""
+    return inst.choices[inst.answer]
+
 # ------------------------------------------------------------------------ questions
 # Each builder takes a scene (or None for text-only skills) and an rng and returns
 # (question, choices, answer_index, solution), or None when the scene does not support
@@ -188,12 +201,12 @@ def _options(correct: str, options: list[str] | tuple[str, ...]) -> tuple[list[s
     return options, options.index(correct)
 
 
-def _objects(scene: dict) -> list[dict]:
+def scene_objects(scene: dict) -> list[dict]:
     return scene["objects"] if scene and scene["kind"] == "objects" else []
 
 
 def _q_color(scene, rng) -> QA | None:
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     unique = [o for o in objs if sum(p["shape"] == o["shape"] for p in objs) == 1]
     if not unique:
         return None
@@ -204,7 +217,7 @@ def _q_color(scene, rng) -> QA | None:
 
 
 def _q_shape(scene, rng) -> QA | None:
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     unique = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
     if not unique:
         return None
@@ -219,7 +232,7 @@ def _numbers(n: int, lo: int, hi: int) -> tuple[list[str], int]:
 
 
 def _q_count(scene, rng) -> QA | None:
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     if not 1 <= len(objs) <= 5:  # the options are 1-5
         return None
     n = len(objs)
@@ -230,7 +243,7 @@ def _q_count(scene, rng) -> QA | None:
 
 
 def _q_count_color(scene, rng) -> QA | None:
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     if not objs:
         return None
     present = sorted({o["color"] for o in objs})
@@ -250,7 +263,7 @@ def _region(o: dict) -> str:
 
 
 def _q_spatial(scene, rng) -> QA | None:
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     unique = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]
     if not unique:
         return None
@@ -263,7 +276,7 @@ def _q_spatial(scene, rng) -> QA | None:
 
 
 def _q_compare(scene, rng) -> QA | None:
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     counts = {c: sum(o["color"] == c for o in objs) for c in COLORS}
     pairs = [(a, b) for a in COLORS for b in COLORS if a < b and counts[a] != counts[b]
              and counts[a] + counts[b] >= 2]
@@ -330,10 +343,10 @@ def make_instance(skill: str, rng: random.Random, iid: str, split: str,
         qa = build(sc, rng)
         if qa is not None:
             break
+    else:
         if scene is not None:
             raise ValueError(f"scene does not support skill {skill!r}")
-    else:  # pragma: no cover - every skill's scene generator supports it quickly
-        raise RuntimeError(f"could not draw a scene for skill {skill!r}")
+        raise RuntimeError(f"could not draw a scene for skill {skill!r}")  # pragma: no cover
     s = SKILLS[skill]
     question, choices, answer, solution = qa
     context = s.hint if s.hint and rng.random() < s.hint_rate else ""
@@ -369,7 +382,7 @@ def _skill_cycle(n: int, weights: dict[str, float], rng: random.Random) -> list[
     counts = {k: int(round(n * w / total)) for k, w in weights.items()}
     skills = [k for k, c in counts.items() for _ in range(c)]
     while len(skills) < n:
-        skills.append(rng.choice(list(weights)))
+        skills.append(rng.choice([k for k, w in weights.items() if w > 0]))
     skills = skills[:n]
     rng.shuffle(skills)
     return skills
@@ -383,6 +396,42 @@ def generate_split(split: str, n: int, seed: int) -> Iterator[tuple[Instance, Im
         inst = make_instance(skill, rng, f"{split}-{i:05d}", split)
         scene = inst.meta.get("scene")
         yield inst, (draw_scene(scene) if scene is not None else None)
+
+
+def sample_instances(n: int, weights: dict[str, float], tag: str, seed: int = 0,
+                     split: str = "pretrain") -> list[Instance]:
+    """``n`` labelled instances with skills in proportion to ``weights`` (deterministic
+    for a given ``tag`` and ``seed``); the scene rides in ``meta``, no image is drawn."""
+    rng = random.Random(f"mmdc-synthetic-{seed}-{tag}")
+    return [make_instance(skill, rng, f"{tag}-{i:06d}", split)
+            for i, skill in enumerate(_skill_cycle(n, weights, rng))]
+
+
+def write_instance(seed: Instance, mode: str, scene: dict | None, rng: random.Random,
+                   iid: str = "written") -> Instance:
+    """The instance a teacher that knows this world writes when asked for a new question
+    like ``seed`` ("same" kind, or a "rarer", harder one of the same subject) about an
+    image of ``scene``: the asked-for kind when the image can carry it well-posed,
+    otherwise the nearest kind it can (same subject first): a magnet picture only
+    carries magnet questions, a question about "the circle" needs exactly one circle."""
+    if scene is None or seed.skill not in SKILLS or not SKILLS[seed.skill].needs_image:
+        return make_instance(seed.skill if seed.skill in SKILLS else "alphabet", rng, iid,
+                             "written")
+    subject = SKILLS[seed.skill].subject
+    image_skills = [k for k, s in SKILLS.items() if s.needs_image]
+    if mode == "same":
+        wanted = [seed.skill]
+    else:
+        harder = [k for k in HARD_SKILLS if SKILLS[k].subject == subject]
+        wanted = [rng.choice(harder)] if harder else []
+    same_subject = [k for k in image_skills if SKILLS[k].subject == subject and k not in wanted]
+    rng.shuffle(same_subject)
+    rest = [k for k in image_skills if k not in wanted and k not in same_subject]
+    rng.shuffle(rest)
+    for skill in wanted + same_subject + rest:
+        if QUESTION_BUILDERS[skill](scene, random.Random(rng.random())) is not None:
+            return make_instance(skill, rng, iid, "written", scene=scene)
+    raise ValueError("the scene supports no question")  # pragma: no cover - count always fits
 
 
 def generate_pool(n: int, seed: int) -> Iterator[tuple[str, dict, Image.Image]]:
@@ -433,7 +482,7 @@ def _true_value(skill: str, groups: tuple[str, ...], scene: dict | None,
         if scene["kind"] != "magnets":
             return None
         return "attract" if scene["poles"][1] != scene["poles"][2] else "repel"
-    objs = _objects(scene)
+    objs = scene_objects(scene)
     if skill == "count":
         return str(len(objs)) if objs else None
     if skill == "count_color":

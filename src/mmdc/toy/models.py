@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -24,8 +25,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmdc.data import synthetic
 from mmdc.prompts import build_prompt, build_target, build_write_prompt, format_written
+from mmdc.toy import world
+from mmdc.toy.world import vqa_answer, vqa_prompt
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -50,44 +52,49 @@ CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class ToySpec:
-    """Dimensions of a tiny LLaVA."""
+class VisionSpec:
+    """The toy CLIP vision tower, shared by teacher and student (LLaVA-1.5 7B and 13B
+    share one CLIP ViT-L/336 the same way). One 8x8 patch per cell of the 4x4 grid."""
 
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
+    hidden: int = 96
+    layers: int = 2
+    heads: int = 4
+    patch_size: int = 8
+    image_size: int = world.IMAGE_SIZE
+    position_std: float = 2.0  # scale of the 2-D sin-cos position table
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """The language model of a tiny LLaVA (the projector maps the tower's features to
+    ``text_hidden``)."""
+
     text_hidden: int
     text_layers: int
     text_heads: int
     text_intermediate: int
-    patch_size: int = 8
-    image_size: int = synthetic.IMAGE_SIZE
-    position_std: float = 2.0  # scale of the 2-D sin-cos vision position table
 
 
-TEACHER_SPEC = ToySpec(vision_hidden=96, vision_layers=2, vision_heads=4, text_hidden=192,
-                       text_layers=3, text_heads=4, text_intermediate=512)
-STUDENT_SPEC = ToySpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=56,
-                       text_layers=2, text_heads=2, text_intermediate=112)
+VISION_SPEC = VisionSpec()
+TEACHER_SPEC = ToySpec(text_hidden=192, text_layers=3, text_heads=4, text_intermediate=512)
+STUDENT_SPEC = ToySpec(text_hidden=64, text_layers=2, text_heads=2, text_intermediate=192)
 
 
 def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
     """Every kind of text the toy models read or write, drawn from the synthetic task."""
     rng = random.Random(f"mmdc-tokenizer-{seed}")
     texts = []
-    for skill in synthetic.SKILL_NAMES:
+    for skill in world.SKILL_NAMES:
         for i in range(n_per_skill):
-            inst = synthetic.make_instance(skill, rng, f"tok-{skill}-{i}", "pretrain")
+            inst = world.make_instance(skill, rng, f"tok-{skill}-{i}", "pretrain")
             texts += [
+                f"USER: {vqa_prompt(inst)} ASSISTANT: {vqa_answer(inst)}",
                 f"USER: {build_prompt(inst, 'CQM-A')} ASSISTANT: {build_target(inst, 'CQM-A')}",
                 f"USER: {build_prompt(inst, 'CQM-LEA')} ASSISTANT: "
                 f"{build_target(inst, 'CQM-LEA')}",
                 f"USER: {build_write_prompt(inst, 'same')} ASSISTANT: {format_written(inst)}",
                 f"USER: {build_write_prompt(inst, 'rarer')}",
             ]
-            if inst.meta.get("scene"):
-                texts.append(f"USER: {synthetic.CAPTION_PROMPT} ASSISTANT: "
-                             f"{synthetic.describe_scene(inst.meta['scene'])}")
     return texts
 
 
@@ -109,25 +116,33 @@ def build_tokenizer(seed: int = 0, vocab_size: int = TOKENIZER_VOCAB) -> PreTrai
     return fast
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast, spec: ToySpec) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
-        size={"height": spec.image_size, "width": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
+def build_image_processor(vision: VisionSpec = VISION_SPEC) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
+        size={"height": vision.image_size, "width": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
         do_center_crop=False,
     )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, vision: VisionSpec = VISION_SPEC
+                    ) -> LlavaProcessor:
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+        image_processor=build_image_processor(vision), tokenizer=tokenizer,
+        patch_size=vision.patch_size, vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
     )
 
 
-def build_config(spec: ToySpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
+def vision_config(vision: VisionSpec = VISION_SPEC) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=vision.hidden, intermediate_size=4 * vision.hidden,
+        num_hidden_layers=vision.layers, num_attention_heads=vision.heads,
+        image_size=vision.image_size, patch_size=vision.patch_size, projection_dim=vision.hidden,
     )
+
+
+def build_config(spec: ToySpec, tokenizer: PreTrainedTokenizerFast,
+                 vision: VisionSpec = VISION_SPEC) -> LlavaConfig:
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
@@ -137,22 +152,22 @@ def build_config(spec: ToySpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConf
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlavaConfig(
-        vision_config=vision, text_config=text,
+        vision_config=vision_config(vision), text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-1, vision_feature_select_strategy="default",
         projector_hidden_act="gelu", tie_word_embeddings=True,
     )
 
 
-def sincos_position_table(spec: ToySpec):
+def sincos_position_table(vision: VisionSpec = VISION_SPEC):
     """A 2-D sine-cosine position table for the vision tower (as in MAE), scaled to
-    ``spec.position_std``: row and column each take half the channels, so where a patch
+    ``vision.position_std``: row and column each take half the channels, so where a patch
     is sits near-linearly in its features from the first step. Row 0 is the class token
     and stays zero."""
     import torch
 
-    grid = spec.image_size // spec.patch_size
-    quarter = spec.vision_hidden // 4
+    grid = vision.image_size // vision.patch_size
+    quarter = vision.hidden // 4
     omega = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float32) / quarter))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
 
@@ -161,30 +176,41 @@ def sincos_position_table(spec: ToySpec):
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     table = torch.cat([axis(rows), axis(cols)], dim=1)
-    table = torch.nn.functional.pad(table, (0, spec.vision_hidden - table.shape[1]))
+    table = torch.nn.functional.pad(table, (0, vision.hidden - table.shape[1]))
     table = table - table.mean(dim=0, keepdim=True)
-    table = table / table.std() * spec.position_std
-    return torch.cat([torch.zeros(1, spec.vision_hidden), table], dim=0)
+    table = table / table.std() * vision.position_std
+    return torch.cat([torch.zeros(1, vision.hidden), table], dim=0)
 
 
-def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0
-                ) -> LlavaForConditionalGeneration:
+def build_vision_tower(vision: VisionSpec = VISION_SPEC, seed: int = 0) -> CLIPVisionModel:
+    """A fresh toy CLIP vision tower: HF's init, with the 2-D sin-cos position table."""
     import torch
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(spec, tokenizer))
-    # HF initialises the projector like a text layer (std 0.02), which suits a projector
-    # fed by a *pretrained* CLIP. From scratch that leaves image tokens ~100x smaller
-    # than their signal needs and vision learns very slowly: use fan-in scaling instead.
+    tower = CLIPVisionModel(vision_config(vision))
+    with torch.no_grad():
+        tower.embeddings.position_embedding.weight.copy_(
+            sincos_position_table(vision))
+    return tower
+
+
+def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
+                tower: CLIPVisionModel | None = None, vision: VisionSpec = VISION_SPEC
+                ) -> LlavaForConditionalGeneration:
+    """A tiny LLaVA on ``tower`` (its weights are copied in; a fresh tower when None)."""
+    import torch
+
+    if tower is None:
+        tower = build_vision_tower(vision, seed)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(build_config(spec, tokenizer, vision))
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    # HF initialises the projector like a text layer (std 0.02); fan-in scaling lets the
+    # tower's features reach the language model at full strength from the first step.
     for layer in (model.model.multi_modal_projector.linear_1,
                   model.model.multi_modal_projector.linear_2):
         torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
         torch.nn.init.zeros_(layer.bias)
-    # HF's random position init (std 0.02) also starts "where" far below "what": a fixed
-    # 2-D sin-cos table makes the map skills (rows, columns, regions) learnable early.
-    with torch.no_grad():
-        model.model.vision_tower.embeddings.position_embedding.weight.copy_(
-            sincos_position_table(spec))
     gen = model.generation_config
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id

@@ -1,7 +1,7 @@
 """Diagnostics for runs on the built-in synthetic task.
 
 The synthetic task knows the hidden scene of every pool image, so each instance the
-teacher writes can be checked against the truth (:func:`mmdc.data.synthetic.solve`). The
+teacher writes can be checked against the truth (:func:`mmdc.toy.world.solve`). The
 method never sees any of this: it is read back from a finished run folder to explain its
 outcome, and written into the run's report and the calibration-gain benchmark.
 
@@ -10,6 +10,9 @@ outcome, and written into the run's report and the calibration-gain benchmark.
 * coverage: how generated instances spread over skills, against the student's errors
   on the probe split;
 * acceptance: the share of asked instances accepted and dropped, by drop reason.
+
+:func:`writing_check` asks a model to write instances directly (no run folder), for the
+toy-checkpoint benchmark and the recipe probe.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from mmdc.data import synthetic
 from mmdc.data.load import read_image_pool
 from mmdc.data.pool import read_jsonl
 from mmdc.errors import MmdcError
 from mmdc.stages.generate import DROP_REASONS
+from mmdc.toy import world
 
 QUALITY_KEYS = ("n", "correct", "wrong", "ill_posed", "off_template")
 
@@ -43,7 +46,7 @@ def check_record(record: dict, scenes: dict[str, dict], answer_key: str = "answe
     (a task template, but no right option on this image) or off_template."""
     image = record.get("image")
     scene = scenes.get(image) if image else None
-    sol = synthetic.solve(record.get("question", ""), record.get("choices") or [], scene)
+    sol = world.solve(record.get("question", ""), record.get("choices") or [], scene)
     if sol.skill is None:
         return None, "off_template"
     if sol.answer is None:
@@ -73,7 +76,9 @@ def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None 
     for row in rejected:
         if "record" in row:  # malformed rows have no record to check
             by_reason.setdefault(row["reason"], []).append(row["record"])
-    quality = {"accepted": _quality(accepted, scenes),
+    parsed = accepted + [r for records in by_reason.values() for r in records]
+    quality = {"written": _quality(parsed, scenes, "written_answer"),
+               "accepted": _quality(accepted, scenes),
                "accepted_as_written": _quality(accepted, scenes, "written_answer")}
     for reason, records in sorted(by_reason.items()):
         quality[reason] = _quality(records, scenes)
@@ -81,7 +86,8 @@ def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None 
     report = json.loads((it / "generation_report.json").read_text()) if (
         it / "generation_report.json").is_file() else {}
     asked = report.get("asked", 0)
-    acceptance = {"asked": asked, "accepted": report.get("accepted", 0)}
+    acceptance = {"asked": asked, "accepted": report.get("accepted", 0),
+                  "parsed": asked - report.get("dropped", {}).get("malformed", 0)}
     for reason in DROP_REASONS:
         acceptance[reason] = report.get("dropped", {}).get(reason, 0)
     student_errors: dict[str, dict] = {}
@@ -112,6 +118,41 @@ def run_diagnostics(run_dir: Path, iterations: int, scenes: dict[str, dict],
     return out
 
 
+def writing_check(model, processor, n: int = 96, seed: int = 0,
+                  max_new_tokens: int = 128) -> dict[str, int]:
+    """Ask ``model`` for a new instance like each of ``n`` held-out seeds (half "same",
+    half "rarer"), each about a fresh pool-like image, and count how many parse and how
+    those are judged on their image: correct, wrong, ill_posed, off_template."""
+    import random
+
+    from mmdc.generation import Request, generate
+    from mmdc.prompts import build_write_prompt, parse_written
+
+    rng = random.Random(f"mmdc-writing-check-{seed}")
+    seeds = world.sample_instances(n, {k: 1.0 for k in world.SKILL_NAMES}, "writing-check",
+                                   seed, "val")
+    reqs, scenes = [], []
+    for s in seeds:
+        mode = "same" if rng.random() < 0.5 else "rarer"
+        scene = world.random_scene(rng) if s.image is not None else None
+        reqs.append(Request(build_write_prompt(s, mode),
+                            world.draw_scene(scene) if scene else None))
+        scenes.append(scene)
+    outs = generate(model, processor, reqs, max_new_tokens=max_new_tokens, batch_size=32,
+                    progress=False)
+    c = Counter({k: 0 for k in ("parsed", *QUALITY_KEYS[1:])}, asked=n)
+    for out, scene in zip(outs, scenes):
+        try:
+            fields = parse_written(out)
+        except ValueError:
+            continue
+        c["parsed"] += 1
+        sol = world.solve(fields["question"], fields["choices"], scene)
+        c["off_template" if sol.skill is None else "ill_posed" if sol.answer is None
+          else "correct" if sol.answer == fields["answer"] else "wrong"] += 1
+    return dict(c)
+
+
 def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.0f}%" if b else "-"
 
@@ -121,7 +162,17 @@ def format_diagnostics(diag: dict[int, dict]) -> str:
     if not diag:
         return ""
     lines = ["## Diagnostics (built-in task ground truth, never seen by the method)", "",
-             "Teacher label accuracy on generated instances (correct / judged; ill-posed: a "
+             "Teacher writing: how many written instances parse, and how many of those are "
+             "well-posed on their image with the label the teacher wrote.", "",
+             "| iter | asked | parsed | well-posed, right label | ill-posed | wrong label "
+             "| off-template |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, d in diag.items():
+        a, w = d["acceptance"], d["label_quality"]["written"]
+        parsed = a.get("parsed", w["n"])
+        lines.append(f"| {k} | {a['asked']} | {parsed} ({_pct(parsed, a['asked'])}) | "
+                     f"{w['correct']} ({_pct(w['correct'], w['n'])}) | {w['ill_posed']} | "
+                     f"{w['wrong']} | {w['off_template']} |")
+    lines += ["", "Teacher label accuracy on generated instances (correct / judged; ill-posed: a "
              "task template with no right option on that image; off-template: not one of the "
              "task's question kinds).", "",
              "| iter | set | n | label acc | correct | wrong | ill-posed | off-template |",
