@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--stage", default=None, help="run only this stage (default: all)")
     ap.add_argument("--steps", default=None, help="comma list overriding each stage's steps")
     ap.add_argument("--lr", type=float, default=None, help="override every stage's lr")
+    ap.add_argument("--skills", default=None, help="skill weights for every stage, e.g. "
+                    "spatial=3,color=2 (the rest 1)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--tower", default=None, help="a built vision folder (default: build one "
                     "into --work)")
@@ -98,6 +100,12 @@ def main() -> int:
         stages = [replace(s, steps=int(n)) for s, n in zip(stages, args.steps.split(","))]
     if args.lr:
         stages = [replace(s, lr=args.lr) for s in stages]
+    if args.skills:
+        weights = dict(recipe.ALL_SKILLS)
+        for part in args.skills.split(","):
+            name, value = part.split("=")
+            weights[name] = float(value)
+        stages = [replace(s, skills=weights) for s in stages]
     if args.stage:
         stages = [s for s in stages if s.name == args.stage]
     tower_dir = Path(args.tower) if args.tower else Path(args.work) / build.VISION
