@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from mmdc.models.build import MANIFEST, build_toy
 
 from mmdc.config import load_config
 from mmdc.data.load import load_split
 from mmdc.evaluation import evaluate
 from mmdc.models.load import TOY_DIR, count_parameters, load_model, vocab_report
+from mmdc.toy.build import MANIFEST, VISION, build_toy
+from mmdc.toy.diagnostics import writing_check
 
 
 def main() -> int:
@@ -68,6 +69,10 @@ def main() -> int:
                        max_new_tokens=ev.max_new_tokens, limit=ev.limit, desc=f"eval {role}")
         rows[role] = {
             "parameters": count_parameters(loaded.model),
+            # the language model with its head: all but the tower and the projector
+            "lm_parameters": count_parameters(loaded.model)
+            - count_parameters(loaded.model.model.vision_tower)
+            - count_parameters(loaded.model.model.multi_modal_projector),
             "test_acc": round(res.accuracy, 2),
             "skills": {k: round(v["acc"], 1) for k, v in res.skills.items()},
             "build_s": manifest["build_seconds"],
@@ -81,13 +86,17 @@ def main() -> int:
     print(f"Toy checkpoints ({'cold rebuild' if args.rebuild else 'shipped'}), held-out "
           f"synthetic test ({len(split.instances)} items), {ev.prompt}, "
           f"max_new_tokens={ev.max_new_tokens}:\n")
-    print("| model | parameters | test acc | build s | " + " | ".join(skills) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(skills))
+    print("| model | parameters | language model | test acc | build s | " + " | ".join(skills)
+          + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(skills))
     for role, r in rows.items():
-        print(f"| {role} | {r['parameters']:,} | {r['test_acc']:.2f} | {r['build_s']:.0f} | "
+        print(f"| {role} | {r['parameters']:,} | {r['lm_parameters']:,} | {r['test_acc']:.2f} | "
+              f"{r['build_s']:.0f} | "
               + " | ".join(f"{r['skills'][s]:.1f}" for s in skills) + " |")
     ratio = rows["teacher"]["parameters"] / rows["student"]["parameters"]
-    print(f"\nteacher/student parameter ratio: {ratio:.1f}")
+    lm_ratio = rows["teacher"]["lm_parameters"] / rows["student"]["lm_parameters"]
+    print(f"\nteacher/student parameters: {ratio:.1f}x in all, {lm_ratio:.1f}x in the "
+          "language model")
     print(f"shared vocabulary: {vocab['shared_vocabulary']}")
     w = writing
     print(f"teacher writing: {w['parsed']}/{w['asked']} new instances parse; of those "
