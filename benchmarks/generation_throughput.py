@@ -10,6 +10,7 @@ instances/s, generated tokens/s, the ratio, and how many outputs are identical.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 
@@ -19,8 +20,16 @@ from mmdc.config import load_config
 from mmdc.data.load import load_split
 from mmdc.generation import Request, generate
 from mmdc.models.load import load_model
-from mmdc.prompts import build_prompt
-from toy_models import write_requests  # the sibling benchmark (this folder is on sys.path)
+from mmdc.prompts import build_prompt, build_write_prompt
+from mmdc.toy import world
+
+
+def write_requests(seeds: list) -> list[Request]:
+    """Ask for a new instance like each seed, about a fresh image of the seed's skill."""
+    rng = random.Random(0)
+    return [Request(build_write_prompt(seed, "same"),
+                    world.draw_scene(world.scene_for_skill(seed.skill, rng))
+                    if seed.image is not None else None) for seed in seeds]
 
 
 def requests(task: str, n: int, data_root: str) -> list[Request]:
