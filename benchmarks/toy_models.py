@@ -67,11 +67,11 @@ def main() -> int:
         start = time.time()
         res = evaluate(loaded, split, fmt=ev.prompt, batch_size=ev.batch_size,
                        max_new_tokens=ev.max_new_tokens, limit=ev.limit, desc=f"eval {role}")
+        total = count_parameters(loaded.model)
         rows[role] = {
-            "parameters": count_parameters(loaded.model),
+            "parameters": total,
             # the language model with its head: all but the tower and the projector
-            "lm_parameters": count_parameters(loaded.model)
-            - count_parameters(loaded.model.model.vision_tower)
+            "lm_parameters": total - count_parameters(loaded.model.model.vision_tower)
             - count_parameters(loaded.model.model.multi_modal_projector),
             "test_acc": round(res.accuracy, 2),
             "skills": {k: round(v["acc"], 1) for k, v in res.skills.items()},

@@ -101,10 +101,8 @@ def main() -> int:
     if args.lr:
         stages = [replace(s, lr=args.lr) for s in stages]
     if args.skills:
-        weights = dict(recipe.ALL_SKILLS)
-        for part in args.skills.split(","):
-            name, value = part.split("=")
-            weights[name] = float(value)
+        weights = recipe.skill_weights(**{name: float(value) for name, value in
+                                          (part.split("=") for part in args.skills.split(","))})
         stages = [replace(s, skills=weights) for s in stages]
     if args.stage:
         stages = [s for s in stages if s.name == args.stage]

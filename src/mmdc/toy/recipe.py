@@ -63,7 +63,7 @@ class Recipe:
     stages: tuple[Stage, ...]
 
 
-def _weights(**more: float) -> dict[str, float]:
+def skill_weights(**more: float) -> dict[str, float]:
     """Every skill at weight 1, except those named."""
     return {**ALL_SKILLS, **more}
 
@@ -74,10 +74,10 @@ def _weights(**more: float) -> dict[str, float]:
 # drawn three times as often there; spatial's four options need a long answer stage.
 TEACHER_RECIPE = Recipe(stages=(
     # grounding: short answers read from the image through projector + language model
-    Stage("vqa", steps=4000, lr=3e-4, formats={"vqa": 1.0}, skills=_weights(color=3.0)),
+    Stage("vqa", steps=4000, lr=3e-4, formats={"vqa": 1.0}, skills=skill_weights(color=3.0)),
     # answer-focused: the same questions with options, the letter as the answer
     Stage("answer", steps=3000, lr=3e-4, formats={"cqm-a": 0.7, "vqa": 0.3},
-          skills=_weights(color=2.0, spatial=2.0, alphabet=2.0)),
+          skills=skill_weights(color=2.0, spatial=2.0, alphabet=2.0)),
     # the other formats the loop needs: rationales and writing new instances
     Stage("instruct", steps=3000, lr=2e-4, formats={"cqm-a": 0.25, "cqm-lea": 0.25,
                                                     "write": 0.4, "vqa": 0.1}),
