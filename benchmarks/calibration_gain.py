@@ -1,15 +1,26 @@
-"""Calibration gain on the built-in default: targeted vs random vs no generation.
+"""Calibration gain on the built-in default: targeted vs random vs no generation, and the
+self-improving teacher.
 
-Runs the built-in default (``mmdc run``) for each seed and generation strategy at equal
-budgets: every run trains the student for the same number of steps (the config's), and
-``targeted`` and ``random`` keep at most ``--max-accepted`` generated instances per
-iteration (``generate.max_accepted``; the accepted counts are printed, so a strategy that
-fell short of the cap shows). Each run is a separate process, timed, with its peak
-resident memory. Prints one table (held-out test accuracy of teacher and student after
-each iteration, mean and spread over seeds, overall and per skill), writes it as JSON and
-a PNG plot.
+Runs the built-in default (``mmdc run``, the settings of ``mmdc demo``) for each seed and
+arm at equal budgets: every run trains the student for the same number of steps (the
+config's), and the generating arms keep at most the same number of generated instances
+per iteration (``generate.max_accepted``; the accepted counts are printed, so an arm
+that fell short of the cap shows). The arms:
+
+* ``targeted``: seeds from the probe questions the assessment marked hard and easy;
+* ``random``: seeds drawn at random from the instruction pool;
+* ``none``: nothing generated (plain distillation on the seed split);
+* ``self-improve``: targeted, and the teacher learns its own verified instances
+  (``loop.self_improve=true``).
+
+Each run is a separate process, timed, with its peak resident memory. Prints the
+held-out test accuracy of teacher and student after each iteration (mean and spread over
+seeds), where the gain comes from per skill (rare in the seed split? marked hard by the
+assessment? how many instances were generated for it?), and what self-improvement does
+to the teacher's skills; writes it all as JSON and a PNG plot.
 
     python benchmarks/calibration_gain.py [--seeds 0 1 2] [--out runs/calibration_gain]
+    python benchmarks/calibration_gain.py data.synth.seed=7 data.root=data/synthetic-7
 """
 
 from __future__ import annotations
@@ -25,7 +36,13 @@ import sys
 import time
 from pathlib import Path
 
-STRATEGIES = ("targeted", "random", "none")
+STRATEGIES = ("targeted", "random", "none", "self-improve")
+
+
+def arm_overrides(strategy: str) -> list[str]:
+    if strategy == "self-improve":
+        return ["loop.strategy=targeted", "loop.self_improve=true"]
+    return [f"loop.strategy={strategy}"]
 
 
 def child(run_dir: str, overrides: list[str]) -> int:
@@ -45,10 +62,7 @@ def run_one(out: Path, seed: int, strategy: str, args) -> dict:
     # a fresh run every time: resuming a folder from an earlier benchmark would skip its
     # finished steps and report their (possibly stale) results and a meaningless wall time
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"seed={seed}", f"loop.strategy={strategy}",
-                 f"loop.iterations={args.iterations}",
-                 f"generate.max_accepted={args.max_accepted}",
-                 f"generate.per_iteration={args.per_iteration}", *args.override]
+    overrides = [f"seed={seed}", *arm_overrides(strategy), *args.override]
     proc = subprocess.run([sys.executable, __file__, "--child", str(run_dir), *overrides],
                           capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MMDC_BENCH ")]
@@ -67,9 +81,12 @@ def run_one(out: Path, seed: int, strategy: str, args) -> dict:
             "student_skills": {s: v["acc"] for s, v in m["student"]["skills"].items()},
             "teacher_skills": {s: v["acc"] for s, v in m["teacher"]["skills"].items()},
             "accepted": gen.get("accepted", 0),
+            "hard": json.loads((it / "assessment_summary.json").read_text()).get("per_skill", {}),
         })
     report = json.loads((run_dir / "report.json").read_text())
+    base = json.loads((run_dir / "baseline" / "metrics.json").read_text())["student"]
     return {"seed": seed, "strategy": strategy, "run_dir": str(run_dir), **info,
+            "base_student": base["columns"]["Avg"]["acc"],
             "iterations": iters, "diagnostics": report.get("diagnostics", {})}
 
 
@@ -96,6 +113,8 @@ def summarize(runs: list[dict], iterations: int) -> dict:
                 "teacher": mean_sd([i["teacher"] for i in its]),
                 "student": mean_sd([i["student"] for i in its]),
                 "accepted": mean_sd([i["accepted"] for i in its]),
+                "teacher_skills": {s: mean_sd([i["teacher_skills"][s] for i in its])
+                                   for s in sorted(its[0]["teacher_skills"])},
                 "student_skills": {s: mean_sd([i["student_skills"][s] for i in its])
                                    for s in skills},
             })
@@ -104,6 +123,7 @@ def summarize(runs: list[dict], iterations: int) -> dict:
             "wall_s": mean_sd([r["wall_s"] for r in rs]),
             "peak_mb": max(r["peak_mb"] for r in rs),
             "final_student": [r["iterations"][-1]["student"] for r in rs],
+            "base_student": mean_sd([r["base_student"] for r in rs]),
         }
     return out
 
@@ -138,6 +158,8 @@ def print_table(summary: dict, ratio: float, seeds: list[int]) -> None:
           f"1/{ratio:.1f}\n")
     print("| strategy | iter | teacher | student | accepted | wall s / run | peak MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    base = next(iter(summary.values()))["base_student"]
+    print(f"| (before calibration) | 0 | | {base[0]:.1f} ± {base[1]:.1f} | | | |")
     for strategy, s in summary.items():
         for k, i in enumerate(s["iterations"], 1):
             print(f"| {strategy} | {k} | {i['teacher'][0]:.1f} | {i['student'][0]:.1f} ± "
@@ -162,18 +184,86 @@ def print_table(summary: dict, ratio: float, seeds: list[int]) -> None:
         print(f"student/teacher accuracy (targeted, last iteration): {100 * t / teacher:.0f}%")
 
 
+def _generated(run: dict) -> dict[str, int]:
+    """Accepted instances per skill over the run's iterations (the task's ground truth)."""
+    out: dict[str, int] = {}
+    for d in run["diagnostics"].values():
+        for skill, n in d.get("generated_skills", {}).items():
+            out[skill] = out.get(skill, 0) + n
+    return out
+
+
+def print_sources(runs: list[dict], summary: dict, seed_share: dict[str, float]) -> None:
+    """Per skill: how rare the seed split makes it, how much of it the first assessment
+    marked hard, how many instances each arm generated for it, and the student after the
+    last iteration under each arm."""
+    arms = list(summary)
+    skills = sorted(next(iter(summary.values()))["iterations"][-1]["student_skills"])
+    print("\nWhere the gain comes from, per skill (means over seeds): the skill's share of the "
+          "seed split, the share of its probe questions the first assessment marked hard "
+          "(targeted arm), accepted instances generated for it over all iterations, and the "
+          "student after the last iteration.\n")
+    gen_arms = [a for a in arms if a != "none"]
+    head = (["skill", "seed share", "marked hard (it 1)"] + [f"generated, {a}" for a in gen_arms]
+            + [f"student, {a}" for a in arms]
+            + (["targeted - none"] if {"targeted", "none"} <= set(arms) else []))
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
+    for skill in skills:
+        hard = []
+        for r in runs:
+            if r["strategy"] == "targeted":
+                c = r["iterations"][0]["hard"].get(skill, {})
+                judged = c.get("hard", 0) + c.get("easy", 0)
+                if judged:
+                    hard.append(100 * c.get("hard", 0) / judged)
+        cells = [skill, f"{100 * seed_share.get(skill, 0):.0f}%",
+                 f"{statistics.fmean(hard):.0f}%" if hard else "-"]
+        for a in gen_arms:
+            cells.append(f"{statistics.fmean(_generated(r).get(skill, 0) for r in runs if r['strategy'] == a):.1f}")
+        final = {a: summary[a]["iterations"][-1]["student_skills"][skill][0] for a in arms}
+        cells += [f"{final[a]:.0f}" for a in arms]
+        if {"targeted", "none"} <= set(arms):
+            cells.append(f"{final['targeted'] - final['none']:+.0f}")
+        print("| " + " | ".join(cells) + " |")
+
+
+def print_self_improve(summary: dict) -> None:
+    """The teacher's skills under self-improvement against the unchanged teacher."""
+    if "self-improve" not in summary:
+        return
+    fixed = next(s for a, s in summary.items() if a != "self-improve")
+    base = {k: v[0] for k, v in fixed["iterations"][0]["teacher_skills"].items()}
+    its = summary["self-improve"]["iterations"]
+    weakest = min(base, key=lambda k: (base[k], k))
+    path = " -> ".join(f"{i['teacher_skills'][weakest][0]:.1f}" for i in its)
+    worst = min(((i["teacher_skills"][k][0] - base[k], k) for i in its for k in base
+                 if k != weakest), default=(0.0, "-"))
+    t = statistics.fmean(summary["self-improve"]["final_student"])
+    print(f"\nSelf-improving teacher: its weakest skill, {weakest}, {base[weakest]:.1f} "
+          f"(unchanged teacher) -> {path} over the iterations; the largest fall of any other "
+          f"skill: {worst[0]:+.1f} points ({worst[1]}). Teacher overall "
+          + " -> ".join(f"{i['teacher'][0]:.1f}" for i in its)
+          + f". The student under it ends at {t:.1f}"
+          + (f" (targeted with a fixed teacher: "
+             f"{statistics.fmean(summary['targeted']['final_student']):.1f})."
+             if "targeted" in summary else "."))
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--max-accepted", type=int, default=12)
-    ap.add_argument("--per-iteration", type=int, default=64)
     ap.add_argument("--out", default="runs/calibration_gain")
-    ap.add_argument("override", nargs="*", help="extra key=value config overrides")
+    ap.add_argument("override", nargs="*", help="key=value config overrides for every run, "
+                    "e.g. data.synth.seed=7 data.root=DIR (default: the built-in default)")
     args = ap.parse_args()
+    from mmdc.config import load_config
+
+    cfg = load_config(None, args.override)
+    args.iterations = cfg.loop.iterations
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -183,15 +273,17 @@ def main() -> int:
             runs.append(run_one(out, seed, strategy, args))
             print(f"seed {seed} {strategy}: student {runs[-1]['iterations'][-1]['student']:.2f} "
                   f"({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
-    from mmdc.config import load_config
+    from mmdc.data.load import load_split
     from mmdc.models.load import count_parameters, load_model
 
-    cfg = load_config(None)
     n = {role: count_parameters(load_model(getattr(cfg, role).path, device="cpu").model)
          for role in ("teacher", "student")}
     ratio = n["teacher"] / n["student"]
     summary = summarize(runs, args.iterations)
     print_table(summary, ratio, args.seeds)
+    seed = [i.skill for i in load_split(cfg.data, cfg.data.seed_split).instances]
+    print_sources(runs, summary, {k: seed.count(k) / len(seed) for k in set(seed)})
+    print_self_improve(summary)
     (out / "calibration_gain.json").write_text(json.dumps(
         {"args": vars(args), "parameters": n, "summary": summary, "runs": runs}, indent=2))
     plot(summary, out / "calibration_gain.png")

@@ -83,6 +83,10 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None, help="override every stage's lr")
     ap.add_argument("--skills", default=None, help="skill weights for every stage, e.g. "
                     "spatial=3,color=2 (the rest 1)")
+    ap.add_argument("--hard", default=None, help="comma list: each stage's weight for the hard "
+                    "skills (the easy ones at 1), e.g. 1,0.05")
+    ap.add_argument("--spec", default=None, help="the language model as hidden,layers,heads,"
+                    "intermediate (default: the role's spec)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--tower", default=None, help="a built vision folder (default: build one "
                     "into --work)")
@@ -104,6 +108,13 @@ def main() -> int:
         weights = recipe.skill_weights(**{name: float(value) for name, value in
                                           (part.split("=") for part in args.skills.split(","))})
         stages = [replace(s, skills=weights) for s in stages]
+    if args.hard:
+        stages = [replace(s, skills=recipe.skill_weights(**{k: float(w) for k in world.HARD_SKILLS}))
+                  for s, w in zip(stages, args.hard.split(","))]
+    if args.spec:
+        h, n, heads, inter = (int(x) for x in args.spec.split(","))
+        spec = models.ToySpec(text_hidden=h, text_layers=n, text_heads=heads,
+                              text_intermediate=inter)
     if args.stage:
         stages = [s for s in stages if s.name == args.stage]
     tower_dir = Path(args.tower) if args.tower else Path(args.work) / build.VISION
@@ -122,6 +133,9 @@ def main() -> int:
         model = models.build_model(spec, tok, seed=args.seed, tower=tower)
         processor = models.build_processor(tok)
     model.model.vision_tower.requires_grad_(False)
+    lm = sum(p.numel() for p in model.model.language_model.parameters())
+    print(f"{args.role}: {sum(p.numel() for p in model.parameters()):,} params, language "
+          f"model {lm:,}", flush=True)
     val = world.sample_instances(320, recipe.ALL_SKILLS, "probe-val", args.seed, "val")
     for stage in stages:
         data = recipe.tokenize_examples(processor, recipe.build_examples(stage, args.seed))

@@ -5,7 +5,7 @@ from mmdc.data.record import Instance
 from mmdc.data.scienceqa import read_scienceqa
 from mmdc.models.load import load_model
 from mmdc.stages.assess import AnswerAgreement, LikelihoodHardness, answer_logprobs, summarize
-from mmdc.stages.imitate import answer_pool, cached_answers, imitation_targets
+from mmdc.stages.imitate import answer_pool, cached_answers, imitation_rows, imitation_targets
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,17 @@ def test_imitation_targets_drop_unparsable():
         insts, [_row(1, 0, "The answer is A."), _row(2, None, "??"), _row(3, 2, "C")])
     assert [k.id for k in kept] == ["1", "3"] and targets == ["The answer is A.", "C"]
     assert dropped == 1
+
+
+def test_imitation_rows_carry_the_teachers_answer_in_each_format():
+    insts = [_inst(1, answer=0), _inst(2), _inst(3, answer=0)]
+    answers = [_row(1, 2, "Count them. The answer is C."), _row(2, None, "??"), _row(3, 1, "B")]
+    rows, dropped = imitation_rows(insts, answers, [None] * 3, ["CQM-LEA", "CQM-A"])
+    assert dropped == 1 and len(rows) == 4
+    text = [r["completion"][0]["content"][0]["text"] for r in rows]
+    # the teacher's answers, not the ground truth: LEA rows its whole output, A rows its letter
+    assert text == ["Count them. The answer is C.", "B", "C", "B"]
+    assert rows[2]["prompt"] != rows[0]["prompt"]  # each format's own prompt
 
 
 def test_answer_agreement_never_uses_ground_truth():

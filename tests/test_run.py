@@ -33,7 +33,8 @@ def finished_run(tmp_path_factory):
 def test_run_folder_has_exactly_the_artifacts(finished_run):
     run_dir, _ = finished_run
     top = {p.name for p in run_dir.iterdir()}
-    assert top == {"config.yaml", "state.json", "align", "iter_1", "tensorboard", "report.md",
+    assert top == {"config.yaml", "state.json", "baseline", "align", "iter_1", "tensorboard",
+                   "report.md",
                    "report.json", "accuracy.png", "generated.png"}
     it = run_dir / "iter_1"
     assert {p.name for p in it.iterdir() if p.is_file()} == ITER_FILES
@@ -42,14 +43,19 @@ def test_run_folder_has_exactly_the_artifacts(finished_run):
     assert {p.name for p in (run_dir / "align" / "student" / "adapter").iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "README.md"}
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["done"] == ["align", "iter_1/teacher_answers", "iter_1/imitate",
+    assert state["done"] == ["baseline", "align", "iter_1/teacher_answers", "iter_1/imitate",
                              "iter_1/assess", "iter_1/generate", "iter_1/evaluate"]
     losses = json.loads((it / "imitate.json").read_text())["losses"]
     assert losses and all(math.isfinite(x) for x in losses)
     report = (run_dir / "report.md").read_text()
     assert "| student (iter 1) |" in report and "| teacher (iter 1) |" in report
+    assert "| student (base) |" in report
     gen = json.loads((it / "generation_report.json").read_text())
     assert gen["asked"] == gen["accepted"] + sum(gen["dropped"].values())
+    # in words: what the assessment found, what was generated, how the student moved
+    story = report.split("## What happened")[1].split("##")[0]
+    assert "probe questions hard" in story and f"{gen['accepted']} were accepted" in story
+    assert "Before calibration the student scored" in story and "The student went from" in story
     # the built-in task's ground-truth diagnostics are in the report and its JSON
     assert "## Diagnostics" in report and "Acceptance by drop reason" in report
     diag = json.loads((run_dir / "report.json").read_text())["diagnostics"]["1"]
@@ -183,7 +189,7 @@ def test_killed_during_iteration_2_then_resume(tmp_path, sig):
     assert main(["run", f"run_dir={killed}", *data, *two]) == 0
     assert (killed / "iter_1" / "teacher_answers.jsonl").stat().st_mtime_ns == first
     done_after = json.loads(state.read_text())["done"]
-    assert done_after[: len(done_before)] == done_before and len(done_after) == 11
+    assert done_after[: len(done_before)] == done_before and len(done_after) == 12
     for k in (1, 2):
         assert json.loads((killed / f"iter_{k}" / "metrics.json").read_text()) == \
             json.loads((clean / f"iter_{k}" / "metrics.json").read_text())
@@ -285,8 +291,11 @@ def test_demo_and_calibrate_commands_end_to_end(tmp_path, command, capsys):
     run_dir = tmp_path / "run"
     assert main([command, f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"),
                  *TINY]) == 0
-    out = capsys.readouterr().out
-    assert "| student (iter 1) |" in out and (run_dir / "report.md").is_file()
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "Iteration 1." in out and "report: " in out and (run_dir / "report.md").is_file()
+    # progress bars and one line per finished step; never the trainer's log dictionaries
+    assert "{'loss'" not in out + captured.err and "'learning_rate'" not in out + captured.err
     assert {p.name for p in (run_dir / "iter_1").iterdir() if p.is_file()} == ITER_FILES
     if command == "demo":
         assert "share a vocabulary: yes" in out

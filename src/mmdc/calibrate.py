@@ -20,25 +20,24 @@ import gc
 import json
 import logging
 import random
+import time
 from pathlib import Path
 
 from mmdc.config import Config, save_resolved
 from mmdc.data.images import ImageCache
-from mmdc.data.load import load_split, load_split_collective, read_image_pool
+from mmdc.data.load import load_split_collective, read_image_pool
 from mmdc.data.pool import (
     read_jsonl,
     read_pool,
     write_json,
     write_jsonl,
     write_pool,
-    write_text_atomic,
 )
 from mmdc.data.record import Instance
-from mmdc.errors import ConfigError, MmdcError
-from mmdc.evaluation import evaluate, format_columns, format_skills
+from mmdc.errors import ConfigError
+from mmdc.evaluation import evaluate
 from mmdc.models.load import load_configured
-from mmdc.stages.generate import DROP_REASONS
-from mmdc.toy.diagnostics import format_diagnostics
+from mmdc.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +48,30 @@ class RunState:
         self.done: list[str] = []
         if self.path.is_file():
             self.done = json.loads(self.path.read_text())["done"]
+        self.clock = time.monotonic()
 
     def __contains__(self, step: str) -> bool:
         return step in self.done
 
-    def mark(self, step: str) -> None:
-        """Record a finished step. Under several processes rank 0 writes the file and every
-        rank waits here, so what rank 0 wrote for the step is there for all to read. The
-        step's generation journal is no longer needed once its results are written."""
+    def mark(self, step: str, summary: str = "") -> None:
+        """Record a finished step and say in one line what it did. Under several processes
+        rank 0 writes the file and every rank waits here, so what rank 0 wrote for the step
+        is there for all to read. The step's generation journal is no longer needed once
+        its results are written."""
         from mmdc import distributed
         from mmdc.faults import maybe_fail
 
         self.done.append(step)
         if distributed.is_main():
             write_json(self.path, {"done": self.done, "last": step})
-            log.info("finished step %s", step)
+            took = time.monotonic() - self.clock
+            log.info("%s done%s (%.0f s)", step, f": {summary}" if summary else "", took)
             journal = journal_path(self.path.parent, step)
             journal.unlink(missing_ok=True)
             if journal.parent.is_dir() and not any(journal.parent.iterdir()):
                 journal.parent.rmdir()
         distributed.barrier()
+        self.clock = time.monotonic()
         maybe_fail(f"after:{step}")
 
 
@@ -128,6 +131,10 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir}: the config differs from the one its finished steps ran with "
             f"({', '.join(changed)}); use a new run_dir, or set these back to resume")
+
+
+def _loss_words(losses: list[float]) -> str:
+    return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
 
 
 def _load(mcfg, adapter: str | None = None):
@@ -201,7 +208,7 @@ def run(cfg: Config) -> Path:
         answer_pool,
         cached_answers,
         check_kd_compatible,
-        imitation_targets,
+        imitation_rows,
         kd_beta,
         kd_trainer_class,
     )
@@ -229,6 +236,17 @@ def run(cfg: Config) -> Path:
     labelled = [i for i in seed_split.instances if i.answer is not None]
     tb = run_dir / "tensorboard"
 
+    if "baseline" not in state:  # the student as given, for the report's comparisons
+        loaded = _student(cfg, None)
+        res = evaluate(loaded, test, fmt=cfg.eval.prompt, batch_size=cfg.eval.batch_size,
+                       max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
+                       desc="baseline: eval student")
+        del loaded
+        gc.collect()
+        if main:
+            write_json(run_dir / "baseline" / "metrics.json",
+                       {"student": {"columns": res.columns, "skills": res.skills}})
+        state.mark("baseline", f"student {res.accuracy:.2f} on the held-out test")
     align_adapter = run_dir / "align" / "student" / "adapter"
     for role in ("student", "teacher"):  # stage 1 for the roles the config names
         if role in cfg.align.roles and f"align/{role}" not in state and not (
@@ -236,7 +254,9 @@ def run(cfg: Config) -> Path:
             summary = run_align(cfg, role, run_dir / "align" / role)
             if main:
                 write_json(run_dir / "align" / role / "metrics.json", summary)
-            state.mark("align" if role == "student" else f"align/{role}")
+            state.mark("align" if role == "student" else f"align/{role}",
+                       f"{role} LoRA-aligned on {summary['instances']} instances, "
+                       + _loss_words(summary["losses"]))
     adapter = str(align_adapter) if "student" in cfg.align.roles else None
     teacher_adapter = (str(run_dir / "align" / "teacher" / "adapter")
                        if "teacher" in cfg.align.roles else None)
@@ -259,13 +279,19 @@ def run(cfg: Config) -> Path:
             cached_answers(it / "teacher_answers.jsonl", pool, answer_all)
             del teacher
             gc.collect()
-            state.mark(f"iter_{k}/teacher_answers")
+            state.mark(f"iter_{k}/teacher_answers",
+                       f"the teacher answered {len(pool)} instances ({len(generated)} generated)")
         answers = read_jsonl(it / "teacher_answers.jsonl")
         # -- imitate: the student learns them
         student_adapter = it / "student_adapter"
         if f"iter_{k}/imitate" not in state:
-            kept, targets, dropped = imitation_targets(pool, answers)
-            rows = sft_rows(kept, [images(i.image) for i in kept], "CQM-LEA", targets)
+            rows, dropped = imitation_rows(pool, answers, [images(i.image) for i in pool],
+                                           cfg.imitate.formats)
+            if generated and cfg.imitate.generated_weight > 1:
+                new_rows, _ = imitation_rows(generated, answers,
+                                             [images(i.image) for i in generated],
+                                             cfg.imitate.formats)
+                rows += new_rows * (cfg.imitate.generated_weight - 1)
             start = adapter if cfg.loop.retrain == "continue" else (
                 str(align_adapter) if "student" in cfg.align.roles else None)
             kd = {}
@@ -283,7 +309,8 @@ def run(cfg: Config) -> Path:
             if main:
                 write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
                                                  "losses": losses})
-            state.mark(f"iter_{k}/imitate")
+            state.mark(f"iter_{k}/imitate", f"the student learned {len(rows)} teacher answers "
+                       f"({dropped} unparsable dropped), " + _loss_words(losses))
         adapter = str(student_adapter)
         # -- assess on the probe split
         if f"iter_{k}/assess" not in state:
@@ -311,7 +338,8 @@ def run(cfg: Config) -> Path:
                 write_jsonl(it / "student_probe_answers.jsonl", s_rows)
                 write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])
                 write_json(it / "assessment_summary.json", summarize(p_inst, verdicts))
-            state.mark(f"iter_{k}/assess")
+            hard = sum(v.hard is True for v in verdicts)
+            state.mark(f"iter_{k}/assess", f"{hard} of {len(verdicts)} probe questions hard")
         # -- generate: new instances aimed at the student's weaknesses
         if f"iter_{k}/generate" not in state:
             accepted, rejected, report = [], [], None
@@ -345,7 +373,8 @@ def run(cfg: Config) -> Path:
                 write_jsonl(it / "generated_rejected.jsonl", rejected)
                 write_json(it / "generation_report.json",
                            report.to_dict() if report else {"asked": 0, "accepted": 0})
-            state.mark(f"iter_{k}/generate")
+            state.mark(f"iter_{k}/generate", f"{len(accepted)} of {report.asked} written "
+                       "instances accepted" if report else "nothing generated (strategy none)")
         new = read_pool(it / "generated_accepted.jsonl")
         generated += new
         used_images.update(i.image for i in new if i.image)
@@ -358,7 +387,8 @@ def run(cfg: Config) -> Path:
                                      cfg.loop.teacher_train, label=f"iter_{k}/teacher_update")
                 if main:
                     write_json(it / "teacher_update.json", {"trained_on": len(rows), "losses": losses})
-                state.mark(f"iter_{k}/teacher_update")
+                state.mark(f"iter_{k}/teacher_update", f"the teacher learned {len(rows)} "
+                           "verified instances, " + _loss_words(losses))
             teacher_adapter = str(it / "teacher_adapter")
         # -- evaluate on the held-out test split
         if f"iter_{k}/evaluate" not in state:
@@ -378,123 +408,12 @@ def run(cfg: Config) -> Path:
                 metrics[role] = {"columns": res.columns, "skills": res.skills}
             if main:
                 write_json(it / "metrics.json", metrics)
-            state.mark(f"iter_{k}/evaluate")
+            state.mark(f"iter_{k}/evaluate", "held-out test: " + ", ".join(
+                f"{role} {m['columns']['Avg']['acc']:.2f}" for role, m in metrics.items()))
     if main:
         write_report(run_dir, cfg.loop.iterations)
     distributed.barrier()
     return run_dir
-
-
-def write_report(run_dir: Path, iterations: int) -> Path:
-    """``report.md``: per-iteration ScienceQA columns and skills, generation counts."""
-    lines = [f"# MmDC run report: {run_dir}", ""]
-    cols, skills, gen = {}, {}, []
-    for k in range(1, iterations + 1):
-        it = run_dir / f"iter_{k}"
-        if not (it / "metrics.json").is_file():
-            break
-        m = json.loads((it / "metrics.json").read_text())
-        for role in ("teacher", "student"):
-            cols[f"{role} (iter {k})"] = m[role]["columns"]
-            skills[f"{role} (iter {k})"] = m[role]["skills"]
-        rep = json.loads((it / "generation_report.json").read_text())
-        gen.append(f"| {k} | {rep.get('asked', 0)} | {rep.get('accepted', 0)} | " + " | ".join(
-            str(rep.get("dropped", {}).get(r, 0)) for r in
-            DROP_REASONS) + " |")
-    lines += ["## Held-out test: ScienceQA columns", "", format_columns(cols), "",
-              "## Accuracy per skill", "", format_skills(skills), "",
-              "## Generated instances", "",
-              "| iter | asked | accepted | " + " | ".join(r.replace("_", " ") for r in DROP_REASONS)
-              + " |", "|---:|---:|---:|" + "---:|" * len(DROP_REASONS), *gen, ""]
-    diag = _diagnostics(run_dir, iterations)
-    if diag:
-        lines += [format_diagnostics(diag)]
-    plots = write_plots(run_dir, iterations)
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    text = "\n".join(lines)
-    write_json(run_dir / "report.json", {"columns": cols, "skills": skills,
-                                         "diagnostics": diag or {}})
-    write_text_atomic(run_dir / "report.md", text)
-    return run_dir / "report.md"
-
-
-def _diagnostics(run_dir: Path, iterations: int) -> dict:
-    """Ground-truth diagnostics when the run's data is the built-in synthetic task."""
-    from mmdc.config import load_config
-    from mmdc.toy.diagnostics import pool_scenes, run_diagnostics
-
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-    except MmdcError:  # a report is still written without them
-        return {}
-    if cfg.data.format != "synthetic" or not cfg.data.pool:
-        return {}
-    scenes = pool_scenes(cfg.data.root, cfg.data.pool)
-    if not scenes:
-        return {}
-    try:
-        probe = load_split(cfg.data, cfg.data.probe_split).instances
-    except MmdcError:
-        probe = None
-    return run_diagnostics(run_dir, iterations, scenes, probe)
-
-
-def write_plots(run_dir: Path, iterations: int) -> list[Path]:
-    """accuracy.png (overall and per skill, per iteration) and generated.png (accepted
-    and dropped instances per skill, summed over iterations)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    its, metrics, per_skill_gen = [], [], {}
-    for k in range(1, iterations + 1):
-        it = run_dir / f"iter_{k}"
-        if not (it / "metrics.json").is_file():
-            break
-        its.append(k)
-        metrics.append(json.loads((it / "metrics.json").read_text()))
-        rep = json.loads((it / "generation_report.json").read_text())
-        for skill, outcomes in rep.get("per_skill", {}).items():
-            acc = per_skill_gen.setdefault(skill, {"accepted": 0, "dropped": 0})
-            for outcome, n in outcomes.items():
-                acc["accepted" if outcome == "accepted" else "dropped"] += n
-    if not its:
-        return []
-    out = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for role, style in (("teacher", "--"), ("student", "-")):
-        axes[0].plot(its, [m[role]["columns"]["Avg"]["acc"] for m in metrics], style,
-                     marker="o", label=role)
-    axes[0].set(title="held-out test accuracy", xlabel="iteration", ylabel="accuracy (%)")
-    axes[0].legend()
-    for skill in metrics[0]["student"]["skills"]:
-        axes[1].plot(its, [m["student"]["skills"].get(skill, {}).get("acc") for m in metrics],
-                     marker="o", label=skill)
-    axes[1].set(title="student accuracy per skill", xlabel="iteration")
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xticks(its)
-    fig.tight_layout()
-    out.append(run_dir / "accuracy.png")
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
-    if per_skill_gen:
-        skills = sorted(per_skill_gen)
-        fig, ax = plt.subplots(figsize=(max(5, len(skills)), 4))
-        acc = [per_skill_gen[s]["accepted"] for s in skills]
-        drop = [per_skill_gen[s]["dropped"] for s in skills]
-        ax.bar(skills, acc, label="accepted")
-        ax.bar(skills, drop, bottom=acc, label="dropped")
-        ax.set(title="generated instances per skill", ylabel="instances")
-        ax.legend()
-        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-        fig.tight_layout()
-        out.append(run_dir / "generated.png")
-        fig.savefig(out[-1], dpi=100)
-        plt.close(fig)
-    return out
 
 
 def final_student_adapter(run_dir: Path) -> Path:

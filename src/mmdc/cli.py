@@ -30,6 +30,16 @@ from mmdc.errors import MmdcError
 log = logging.getLogger("mmdc")
 
 
+class _Formatter(logging.Formatter):
+    """Progress lines plain (time and message); warnings and errors say what and where."""
+
+    plain = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    full = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return (self.plain if record.levelno <= logging.INFO else self.full).format(record)
+
+
 def setup_logging(verbose: bool = False) -> None:
     from mmdc import distributed
 
@@ -37,14 +47,20 @@ def setup_logging(verbose: bool = False) -> None:
     if not distributed.is_main():  # one process reports; the others speak only of trouble
         level = logging.WARNING
         os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    import warnings
+
+    # deprecation notices about the libraries' own internals are not the user's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: one bar per stage is ours
     except ImportError:  # pragma: no cover
         pass
 
@@ -238,14 +254,17 @@ def cmd_run(args) -> int:
         raise MmdcError(f"{cfg.run_dir}: nothing to resume (no state.json); run without --resume")
     run_dir = run(cfg)
     if distributed.is_main():
-        print((run_dir / "report.md").read_text(encoding="utf-8"))
+        from mmdc.report import narrative_text
+
+        print(narrative_text(run_dir))
+        print(f"report: {run_dir / 'report.md'} (tables, diagnostics, plots)")
         print(f"run folder: {run_dir}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from mmdc.calibrate import write_report
     from mmdc.config import load_config
+    from mmdc.report import write_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -101,6 +101,13 @@ class ImitateConfig(_Section):
     """Sequence-level distillation: the student learns the teacher's CQM-LEA answers."""
 
     max_new_tokens: int = Field(64, ge=1)  # teacher answer length
+    # the formats the student learns the teacher's answers in: CQM-LEA (the teacher's
+    # lecture, solution and answer) and/or CQM-A (the teacher's answer letter alone)
+    formats: list[Literal["CQM-A", "CQM-LEA"]] = Field(default_factory=lambda: ["CQM-LEA"],
+                                                        min_length=1)
+    # how many times each generated instance's rows appear in the imitation data (the seed
+    # split's once): >1 puts the weight of training on what the calibration found missing
+    generated_weight: int = Field(1, ge=1)
     train: TrainConfig = TrainConfig(max_steps=100)
     # optional token-level distillation on top of the sequence-level loss (needs a shared
     # vocabulary): generalised JSD, beta 0 = forward KL, 1 = reverse KL

@@ -93,6 +93,37 @@ def _non_finite_loss_guard(where: str):
     return NonFiniteLossGuard()
 
 
+def _quiet_progress(desc: str):
+    """The trainer's progress as one bar labelled ``desc``, the latest loss beside it;
+    unlike transformers' own ``ProgressCallback`` it prints no log dictionaries (the logs
+    still reach TensorBoard and the returned history)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class QuietProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, desc=desc, leave=False,
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and "loss" in (logs or {}):
+                self.bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return QuietProgress()
+
+
 def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
               logging_dir: str | Path | None = None, seed: int = 0, trainer_class=None,
               label: str | None = None, **trainer_kwargs):
@@ -143,6 +174,12 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
         trainer = (trainer_class or SFTTrainer)(
             model=model, args=make_args(batch, accum), train_dataset=dataset,
             processing_class=processor, callbacks=callbacks, **trainer_kwargs)
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        for noisy in (ProgressCallback, PrinterCallback):  # they print every log dict
+            trainer.remove_callback(noisy)
+        name = (label or out_dir.name).replace("iter_", "iter ").replace("/", ": ")
+        trainer.add_callback(_quiet_progress(name.replace("_", " ")))
         try:
             trainer.train()
             break

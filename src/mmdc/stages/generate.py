@@ -144,7 +144,7 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
     texts = teacher.generate([Request(write_prompt(s), img) for s, img in zip(seeds, images)],
                              max_new_tokens=max_new_tokens, batch_size=batch_size,
                              do_sample=temperature > 0, temperature=temperature, seed=seed,
-                             desc="teacher writes")
+                             desc=f"iter {iteration}: teacher writes")
     rejected: list[dict] = []
     dup = DuplicateFilter(existing, rouge_threshold)
     candidates: list[tuple[Instance, object]] = []
@@ -171,7 +171,7 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
     requests = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in candidates for _ in range(k)]
     samples = teacher.generate(requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                do_sample=temperature > 0, temperature=temperature,
-                               seed=seed + 1, desc="teacher verifies")
+                               seed=seed + 1, desc=f"iter {iteration}: teacher verifies")
     verified: list[tuple[Instance, object]] = []
     for j, (inst, img) in enumerate(candidates):
         votes = [parse_answer(t, len(inst.choices)) for t in samples[j * k:(j + 1) * k]]
@@ -187,7 +187,7 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
     accepted = verified
     if challenge and verified:
         outs = student.generate([Request(build_prompt(i, "CQM-A"), img) for i, img in verified],
-                                max_new_tokens=8, batch_size=batch_size, desc="student tries")
+                                max_new_tokens=8, batch_size=batch_size, desc=f"iter {iteration}: student tries")
         accepted = []
         for (inst, img), out in zip(verified, outs):
             if parse_answer(out, len(inst.choices)) == inst.answer:

@@ -69,6 +69,26 @@ def imitation_targets(instances: list[Instance], answers: list[dict]
     return kept, targets, dropped
 
 
+def imitation_rows(instances: list[Instance], answers: list[dict], images: list,
+                   formats: list[str]) -> tuple[list[dict], int]:
+    """SFT rows for the student: each instance with a parsable teacher answer, once per
+    format: CQM-LEA with the teacher's whole answer, CQM-A with the teacher's letter.
+    Returns the rows and how many instances were dropped as unparsable."""
+    from mmdc.stages.align import sft_rows
+
+    kept, targets, dropped = imitation_targets(instances, answers)
+    by_id = {a["id"]: a for a in answers}
+    image_of = {i.id: img for i, img in zip(instances, images, strict=True)}
+    imgs = [image_of[i.id] for i in kept]
+    rows = []
+    for fmt in formats:
+        if fmt == "CQM-LEA":
+            rows += sft_rows(kept, imgs, "CQM-LEA", targets)
+        else:
+            rows += sft_rows(kept, imgs, fmt, [LETTERS[by_id[i.id]["choice"]] for i in kept])
+    return rows, dropped
+
+
 def kd_beta(kind: str, beta: float) -> float:
     return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta)
 
