@@ -43,8 +43,8 @@ def test_run_folder_has_exactly_the_artifacts(finished_run):
     assert {p.name for p in (run_dir / "align" / "student" / "adapter").iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "README.md"}
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["done"] == ["baseline", "align", "iter_1/teacher_answers", "iter_1/imitate",
-                             "iter_1/assess", "iter_1/generate", "iter_1/evaluate"]
+    assert state["done"] == ["baseline", "align", "iter_1/assess", "iter_1/generate",
+                             "iter_1/teacher_answers", "iter_1/imitate", "iter_1/evaluate"]
     losses = json.loads((it / "imitate.json").read_text())["losses"]
     assert losses and all(math.isfinite(x) for x in losses)
     report = (run_dir / "report.md").read_text()

@@ -1,13 +1,18 @@
 """The distillation-calibration loop, end to end, resumable by step.
 
+    baseline                  the student as given, on the held-out test (for the report)
     align                     stage 1: LoRA-align the student on the seed split
-    iter_k/teacher_answers    the teacher answers the instruction pool (cached JSONL)
-    iter_k/imitate            the student learns the teacher's answers (LoRA, TRL SFT)
     iter_k/assess             teacher and student answer the probe split; the referee
                               marks hard / easy
     iter_k/generate           the teacher writes, verifies and filters new instances
                               seeded from hard and easy probes; accepted ones join the pool
+    iter_k/teacher_update     (loop.self_improve) the teacher learns its verified instances
+    iter_k/teacher_answers    the teacher answers the instruction pool (cached JSONL)
+    iter_k/imitate            the student learns the teacher's answers (LoRA, TRL SFT)
     iter_k/evaluate           teacher and student on the held-out test split
+
+As in MmDC, each iteration assesses the student, has the teacher write instances aimed at
+its weaknesses, and then trains the student on them.
 
 Every step writes its artifacts atomically into the run folder and is then recorded in
 ``state.json``; a rerun into the same folder skips finished steps and reads their
@@ -265,53 +270,6 @@ def run(cfg: Config) -> Path:
     for k in range(1, cfg.loop.iterations + 1):
         it = run_dir / f"iter_{k}"
         pool = labelled + generated
-        # -- the teacher answers the instruction pool (CQM-LEA)
-        if f"iter_{k}/teacher_answers" not in state:
-            teacher = _journaled(_teacher(cfg, teacher_adapter, run_dir), run_dir,
-                                 f"iter_{k}/teacher_answers", "teacher")
-
-            def answer_all(t=teacher, items=pool, k=k):
-                return answer_pool(t, items, [images(i.image) for i in items],
-                                   max_new_tokens=cfg.imitate.max_new_tokens,
-                                   batch_size=cfg.eval.batch_size,
-                                   desc=f"iter {k}: teacher answers")
-
-            cached_answers(it / "teacher_answers.jsonl", pool, answer_all)
-            del teacher
-            gc.collect()
-            state.mark(f"iter_{k}/teacher_answers",
-                       f"the teacher answered {len(pool)} instances ({len(generated)} generated)")
-        answers = read_jsonl(it / "teacher_answers.jsonl")
-        # -- imitate: the student learns them
-        student_adapter = it / "student_adapter"
-        if f"iter_{k}/imitate" not in state:
-            rows, dropped = imitation_rows(pool, answers, [images(i.image) for i in pool],
-                                           cfg.imitate.formats)
-            if generated and cfg.imitate.generated_weight > 1:
-                new_rows, _ = imitation_rows(generated, answers,
-                                             [images(i.image) for i in generated],
-                                             cfg.imitate.formats)
-                rows += new_rows * (cfg.imitate.generated_weight - 1)
-            start = adapter if cfg.loop.retrain == "continue" else (
-                str(align_adapter) if "student" in cfg.align.roles else None)
-            kd = {}
-            if cfg.imitate.kd != "none":
-                im = cfg.imitate
-                kd = dict(trainer_class=kd_trainer_class(),
-                          teacher_model=_load(cfg.teacher, teacher_adapter).model,
-                          beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
-                          weight=im.kd_weight)
-            losses = _train_role(cfg, cfg.student, rows, start, student_adapter,
-                                 tb / f"imitate-{k}", cfg.imitate.train,
-                                 label=f"iter_{k}/imitate", **kd)
-            del kd
-            gc.collect()
-            if main:
-                write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
-                                                 "losses": losses})
-            state.mark(f"iter_{k}/imitate", f"the student learned {len(rows)} teacher answers "
-                       f"({dropped} unparsable dropped), " + _loss_words(losses))
-        adapter = str(student_adapter)
         # -- assess on the probe split
         if f"iter_{k}/assess" not in state:
             p_inst = [i for i in probe.instances if i.choices]
@@ -390,6 +348,54 @@ def run(cfg: Config) -> Path:
                 state.mark(f"iter_{k}/teacher_update", f"the teacher learned {len(rows)} "
                            "verified instances, " + _loss_words(losses))
             teacher_adapter = str(it / "teacher_adapter")
+        pool = labelled + generated  # the seed split and every accepted instance so far
+        # -- the teacher answers the instruction pool (CQM-LEA)
+        if f"iter_{k}/teacher_answers" not in state:
+            teacher = _journaled(_teacher(cfg, teacher_adapter, run_dir), run_dir,
+                                 f"iter_{k}/teacher_answers", "teacher")
+
+            def answer_all(t=teacher, items=pool, k=k):
+                return answer_pool(t, items, [images(i.image) for i in items],
+                                   max_new_tokens=cfg.imitate.max_new_tokens,
+                                   batch_size=cfg.eval.batch_size,
+                                   desc=f"iter {k}: teacher answers")
+
+            cached_answers(it / "teacher_answers.jsonl", pool, answer_all)
+            del teacher
+            gc.collect()
+            state.mark(f"iter_{k}/teacher_answers",
+                       f"the teacher answered {len(pool)} instances ({len(generated)} generated)")
+        answers = read_jsonl(it / "teacher_answers.jsonl")
+        # -- imitate: the student learns them
+        student_adapter = it / "student_adapter"
+        if f"iter_{k}/imitate" not in state:
+            rows, dropped = imitation_rows(pool, answers, [images(i.image) for i in pool],
+                                           cfg.imitate.formats)
+            if generated and cfg.imitate.generated_weight > 1:
+                new_rows, _ = imitation_rows(generated, answers,
+                                             [images(i.image) for i in generated],
+                                             cfg.imitate.formats)
+                rows += new_rows * (cfg.imitate.generated_weight - 1)
+            start = adapter if cfg.loop.retrain == "continue" else (
+                str(align_adapter) if "student" in cfg.align.roles else None)
+            kd = {}
+            if cfg.imitate.kd != "none":
+                im = cfg.imitate
+                kd = dict(trainer_class=kd_trainer_class(),
+                          teacher_model=_load(cfg.teacher, teacher_adapter).model,
+                          beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
+                          weight=im.kd_weight)
+            losses = _train_role(cfg, cfg.student, rows, start, student_adapter,
+                                 tb / f"imitate-{k}", cfg.imitate.train,
+                                 label=f"iter_{k}/imitate", **kd)
+            del kd
+            gc.collect()
+            if main:
+                write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
+                                                 "losses": losses})
+            state.mark(f"iter_{k}/imitate", f"the student learned {len(rows)} teacher answers "
+                       f"({dropped} unparsable dropped), " + _loss_words(losses))
+        adapter = str(student_adapter)
         # -- evaluate on the held-out test split
         if f"iter_{k}/evaluate" not in state:
             metrics = {}

@@ -94,20 +94,20 @@ class AlignConfig(_Section):
     roles: list[Literal["teacher", "student"]] = ["student"]
     prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
     lora: LoraConfigSection = LoraConfigSection()
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(max_steps=100)
 
 
 class ImitateConfig(_Section):
-    """Sequence-level distillation: the student learns the teacher's CQM-LEA answers."""
+    """Sequence-level distillation: the student learns the teacher's answers."""
 
     max_new_tokens: int = Field(64, ge=1)  # teacher answer length
     # the formats the student learns the teacher's answers in: CQM-LEA (the teacher's
     # lecture, solution and answer) and/or CQM-A (the teacher's answer letter alone)
-    formats: list[Literal["CQM-A", "CQM-LEA"]] = Field(default_factory=lambda: ["CQM-LEA"],
+    formats: list[Literal["CQM-A", "CQM-LEA"]] = Field(default_factory=lambda: ["CQM-A"],
                                                         min_length=1)
     # how many times each generated instance's rows appear in the imitation data (the seed
     # split's once): >1 puts the weight of training on what the calibration found missing
-    generated_weight: int = Field(1, ge=1)
+    generated_weight: int = Field(8, ge=1)
     train: TrainConfig = TrainConfig(max_steps=100)
     # optional token-level distillation on top of the sequence-level loss (needs a shared
     # vocabulary): generalised JSD, beta 0 = forward KL, 1 = reverse KL
@@ -118,7 +118,7 @@ class ImitateConfig(_Section):
 
 
 class GenerateConfig(_Section):
-    per_iteration: int = Field(64, ge=1)  # seeds asked per iteration
+    per_iteration: int = Field(192, ge=1)  # seeds asked per iteration
     hard_share: float = Field(0.5, ge=0.0, le=1.0)  # hard:easy = 1:1 by default
     k: int = Field(5, ge=1)  # sampled teacher answers for self-consistency
     tau: float = Field(0.6, ge=0.0, le=1.0)  # minimum agreement to keep an instance
@@ -128,7 +128,7 @@ class GenerateConfig(_Section):
     max_new_tokens: int = Field(128, ge=8)
     # keep at most this many accepted instances per iteration (0: no limit); the rest are
     # dropped as over_budget. Comparing strategies at an equal generation budget uses it.
-    max_accepted: int = Field(0, ge=0)
+    max_accepted: int = Field(96, ge=0)
 
 
 class AssessConfig(_Section):
