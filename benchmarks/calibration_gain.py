@@ -259,7 +259,11 @@ def main() -> int:
     ap.add_argument("--out", default="runs/calibration_gain")
     ap.add_argument("override", nargs="*", help="key=value config overrides for every run, "
                     "e.g. data.synth.seed=7 data.root=DIR (default: the built-in default)")
-    args = ap.parse_args()
+    # key=value overrides may come anywhere on the line (after --strategies too)
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = ap.parse_args([a for a in argv if a not in overrides])
+    args.override = overrides
     from mmdc.config import load_config
 
     cfg = load_config(None, args.override)

@@ -18,13 +18,13 @@ from .test_run import TINY
 KILL_POINTS = [
     "align/student@2",
     "after:align",
-    "iter_1/teacher_answers:teacher@1",
-    "iter_1/teacher_answers:teacher@4",
-    "iter_1/imitate@2",
     "iter_1/assess:teacher@1",
     "iter_1/assess:student@2",
     "iter_1/generate:teacher@1",
     "after:iter_1/generate",
+    "iter_1/teacher_answers:teacher@1",
+    "iter_1/teacher_answers:teacher@4",
+    "iter_1/imitate@2",
     "iter_1/evaluate:student@3",
     "iter_2/teacher_answers:teacher@2",
     "iter_2/evaluate:teacher@5",
@@ -93,7 +93,7 @@ def test_truncated_files_are_recovered_or_reported(tmp_path, args):
     assert err[-1].startswith("mmdc: error:") and "student_adapter: unreadable adapter" in err[-1]
     assert "Traceback" not in got.stderr
     after = json.loads((run_dir / "state.json").read_text())["done"]
-    assert after[: len(before)] == before and "iter_2/teacher_answers" in after
+    assert after[: len(before)] == before  # iteration 2 stops at its first use of it
     for name in ("metrics.json", "generated_accepted.jsonl", "imitate.json"):
         assert (run_dir / "iter_1" / name).is_file()
 
