@@ -142,6 +142,16 @@ def _loss_words(losses: list[float]) -> str:
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
 
 
+def _evaluate(cfg: Config, generator, test, desc: str):
+    """``generator`` on the held-out test split with the eval settings; pass it inline, so
+    that it is released (this holds the last reference) before the next model loads."""
+    res = evaluate(generator, test, fmt=cfg.eval.prompt, batch_size=cfg.eval.batch_size,
+                   max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit, desc=desc)
+    del generator
+    gc.collect()
+    return res
+
+
 def _load(mcfg, adapter: str | None = None):
     return load_configured(mcfg, adapter=adapter)
 
@@ -242,12 +252,7 @@ def run(cfg: Config) -> Path:
     tb = run_dir / "tensorboard"
 
     if "baseline" not in state:  # the student as given, for the report's comparisons
-        loaded = _student(cfg, None)
-        res = evaluate(loaded, test, fmt=cfg.eval.prompt, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
-                       desc="baseline: eval student")
-        del loaded
-        gc.collect()
+        res = _evaluate(cfg, _student(cfg, None), test, "baseline: eval student")
         if main:
             write_json(run_dir / "baseline" / "metrics.json",
                        {"student": {"columns": res.columns, "skills": res.skills}})
@@ -370,12 +375,8 @@ def run(cfg: Config) -> Path:
         student_adapter = it / "student_adapter"
         if f"iter_{k}/imitate" not in state:
             rows, dropped = imitation_rows(pool, answers, [images(i.image) for i in pool],
-                                           cfg.imitate.formats)
-            if generated and cfg.imitate.generated_weight > 1:
-                new_rows, _ = imitation_rows(generated, answers,
-                                             [images(i.image) for i in generated],
-                                             cfg.imitate.formats)
-                rows += new_rows * (cfg.imitate.generated_weight - 1)
+                                           cfg.imitate.formats, {i.id for i in generated},
+                                           cfg.imitate.generated_weight)
             start = adapter if cfg.loop.retrain == "continue" else (
                 str(align_adapter) if "student" in cfg.align.roles else None)
             kd = {}
@@ -400,15 +401,10 @@ def run(cfg: Config) -> Path:
         if f"iter_{k}/evaluate" not in state:
             metrics = {}
             for role in ("teacher", "student"):
-                loaded = _journaled(
+                res = _evaluate(cfg, _journaled(
                     _teacher(cfg, teacher_adapter, run_dir) if role == "teacher"
-                    else _student(cfg, adapter), run_dir, f"iter_{k}/evaluate", role)
-                res = evaluate(loaded, test, fmt=cfg.eval.prompt,
-                               batch_size=cfg.eval.batch_size,
-                               max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit,
-                               desc=f"iter {k}: eval {role}")
-                del loaded
-                gc.collect()
+                    else _student(cfg, adapter), run_dir, f"iter_{k}/evaluate", role),
+                    test, f"iter {k}: eval {role}")
                 if main:
                     res.save(it, f"{role}_test")
                 metrics[role] = {"columns": res.columns, "skills": res.skills}

@@ -18,8 +18,9 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _acc(metrics: dict, role: str) -> float:
-    return metrics[role]["columns"]["Avg"]["acc"]
+def _avg(scores: dict) -> float:
+    """Average accuracy of one model's ``{"columns": ..., "skills": ...}``."""
+    return scores["columns"]["Avg"]["acc"]
 
 
 def _changes(before: dict, after: dict, at_least: float = 2.0) -> str:
@@ -56,7 +57,7 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
     base = _read(run_dir / "baseline" / "metrics.json")
     prev = base["student"] if base else None
     if prev:
-        lines.append(f"Before calibration the student scored {prev['columns']['Avg']['acc']:.2f} "
+        lines.append(f"Before calibration the student scored {_avg(prev):.2f} "
                      "on the held-out test.")
     for k in range(1, iterations + 1):
         it = run_dir / f"iter_{k}"
@@ -84,15 +85,15 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
         else:
             words.append("Nothing was generated (strategy none).")
         student = metrics["student"]
-        acc = student["columns"]["Avg"]["acc"]
+        acc = _avg(student)
         if prev:
             moved = _changes(prev["skills"], student["skills"])
-            words.append(f"The student went from {prev['columns']['Avg']['acc']:.2f} to "
+            words.append(f"The student went from {_avg(prev):.2f} to "
                          f"{acc:.2f}" + (f" ({moved})." if moved else
                                          " (no skill moved by 2 points or more)."))
         else:
             words.append(f"The student scored {acc:.2f}.")
-        words.append(f"The teacher scored {_acc(metrics, 'teacher'):.2f}.")
+        words.append(f"The teacher scored {_avg(metrics['teacher']):.2f}.")
         lines += [" ".join(words), ""]
         prev = student
     return lines
@@ -191,7 +192,7 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
     out = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for role, style in (("teacher", "--"), ("student", "-")):
-        axes[0].plot(its, [m[role]["columns"]["Avg"]["acc"] for m in metrics], style,
+        axes[0].plot(its, [_avg(m[role]) for m in metrics], style,
                      marker="o", label=role)
     axes[0].set(title="held-out test accuracy", xlabel="iteration", ylabel="accuracy (%)")
     axes[0].legend()

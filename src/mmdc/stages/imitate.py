@@ -70,23 +70,29 @@ def imitation_targets(instances: list[Instance], answers: list[dict]
 
 
 def imitation_rows(instances: list[Instance], answers: list[dict], images: list,
-                   formats: list[str]) -> tuple[list[dict], int]:
+                   formats: list[str], repeat: set[str] = frozenset(), times: int = 1
+                   ) -> tuple[list[dict], int]:
     """SFT rows for the student: each instance with a parsable teacher answer, once per
     format: CQM-LEA with the teacher's whole answer, CQM-A with the teacher's letter.
-    Returns the rows and how many instances were dropped as unparsable."""
+    The rows of instances whose id is in ``repeat`` come ``times`` times in all (the
+    extra copies after the rest). Returns the rows and how many instances were dropped
+    as unparsable."""
     from mmdc.stages.align import sft_rows
 
     kept, targets, dropped = imitation_targets(instances, answers)
     by_id = {a["id"]: a for a in answers}
     image_of = {i.id: img for i, img in zip(instances, images, strict=True)}
     imgs = [image_of[i.id] for i in kept]
-    rows = []
+    blocks = []
     for fmt in formats:
         if fmt == "CQM-LEA":
-            rows += sft_rows(kept, imgs, "CQM-LEA", targets)
+            blocks.append(sft_rows(kept, imgs, "CQM-LEA", targets))
         else:
-            rows += sft_rows(kept, imgs, fmt, [LETTERS[by_id[i.id]["choice"]] for i in kept])
-    return rows, dropped
+            blocks.append(sft_rows(kept, imgs, fmt,
+                                   [LETTERS[by_id[i.id]["choice"]] for i in kept]))
+    rows = [row for block in blocks for row in block]
+    again = [row for block in blocks for inst, row in zip(kept, block) if inst.id in repeat]
+    return rows + again * (times - 1), dropped
 
 
 def kd_beta(kind: str, beta: float) -> float:
