@@ -148,11 +148,12 @@ def main() -> int:
                 return
             loss = sum(losses[-50:]) / len(losses[-50:])
             line = f"step {step} loss {loss:.3f} {time.time() - start:.0f}s"
-            if set(stage.formats) == {"vqa"}:
-                parts = {"vqa": vqa_accuracy(model, processor, val)}
-            else:
+            parts = {}
+            if set(stage.formats) - {"vqa", "vqa-all"}:
                 parts = {"CQM-A": answer_accuracy(model, processor, val, "CQM-A", 8),
                          "CQM-LEA": answer_accuracy(model, processor, val, "CQM-LEA", 64)}
+            if set(stage.formats) & {"vqa", "vqa-all"}:  # is the grounding still there?
+                parts["vqa"] = vqa_accuracy(model, processor, val)
             for name, acc in parts.items():
                 line += f" | {name} " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())
             if "write" in stage.formats:

@@ -88,7 +88,7 @@ CASES = {
     "config: not UTF-8": (lambda t: [cfg_file(t, "run_dir: caf\xe9\n".encode("latin-1"))],
                           ["not UTF-8"]),
     "config: top level is a list": (lambda t: [cfg_file(t, "- a\n- b\n")], ["mapping"]),
-    "config: override without =": (lambda t: ["eval.batch_size"], ["config file not found"]),
+    "config: override without =": (lambda t: ["eval.batch_size"], ["overrides are key=value"]),
     "config: empty YAML mapping value": (lambda t: [cfg_file(t, "teacher:\n  path:\n")],
                                          ["teacher.path"]),
     # ScienceQA folders and images
@@ -148,9 +148,114 @@ CASES = {
 }
 
 
+# ------------------------------------------------- more cases, as a new user meets them
+
+
+def _file(tmp_path, name="a_file.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("not a folder\n")
+    return path
+
+
+PLAIN: list[Path] = []  # the plain LLaVA checkpoint (a session fixture), set by the test
+
+
+def _checkpoint(tmp_path, plain: Path, damage) -> list[str]:
+    """A copy of the plain LLaVA checkpoint, damaged, evaluated as the model."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(plain, folder)
+    damage(folder)
+    return ["--model", str(folder)]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _pool_image(tmp_path, payload: bytes) -> list[str]:
+    root = _mini(tmp_path)
+    (root / "pool").mkdir()
+    (root / "pool" / "p0.png").write_bytes(payload)
+    (root / "pool.jsonl").write_text('{"id": "p0", "image": "pool/p0.png"}\n')
+    return ["run", *eval_args(root)[:-1], "data.pool=pool", "data.probe_split=test"]
+
+
+MORE_CASES = {
+    # paths: files where folders belong
+    "run_dir is an existing file": (
+        lambda t: ["run", f"run_dir={_file(t)}", *eval_args(_mini(t))],
+        ["run_dir", "a_file.txt", "not a folder"]),
+    "run_dir is under a file": (
+        lambda t: ["run", f"run_dir={_file(t)}/sub", *eval_args(_mini(t))],
+        ["run_dir", "a_file.txt"]),
+    "eval --out is an existing file": (
+        lambda t: ["eval", *eval_args(_mini(t)), "--out", str(_file(t))],
+        ["a_file.txt", "not a folder"]),
+    "data.root is a file": (lambda t: eval_args(_file(t)), ["a_file.txt"]),
+    "config path is a folder": (lambda t: [str(t)], ["a folder, not a config file"]),
+    # configs
+    "config: empty file": (lambda t: [cfg_file(t, "")], ["empty"]),
+    "config: only a comment": (lambda t: [cfg_file(t, "# nothing here\n")], ["empty"]),
+    "config: binary file": (lambda t: [cfg_file(t, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")],
+                            ["bad.yaml"]),
+    "config: a scalar, not a mapping": (lambda t: [cfg_file(t, "hello\n")], ["mapping"]),
+    "config: duplicate key": (
+        lambda t: [cfg_file(t, "eval:\n  batch_size: 8\n  batch_size: 16\n")],
+        ["eval.batch_size", "twice", "lines 2 and 3"]),
+    "config: duplicate section": (
+        lambda t: [cfg_file(t, "eval:\n  batch_size: 8\nseed: 1\neval:\n  limit: 2\n")],
+        ["'eval'", "lines 1 and 4"]),
+    "config: a section given a value": (lambda t: ["eval=3"], ["eval"]),
+    # checkpoints
+    "checkpoint: processor missing": (
+        lambda t: ["eval", *eval_args(_mini(t)), *_checkpoint(t, PLAIN[0], lambda f: [
+            (f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json",
+                                       "processor_config.json") if (f / n).exists()])],
+        ["ckpt", "processor"]),
+    "checkpoint: truncated safetensors": (
+        lambda t: ["eval", *eval_args(_mini(t)), *_checkpoint(
+            t, PLAIN[0], lambda f: _truncate(f / "model.safetensors"))],
+        ["ckpt", "cannot load the model"]),
+    "checkpoint: config.json not JSON": (
+        lambda t: ["eval", *eval_args(_mini(t)), *_checkpoint(
+            t, PLAIN[0], lambda f: (f / "config.json").write_text("{oops"))],
+        ["ckpt"]),
+    "checkpoint: a file, not a folder": (
+        lambda t: ["eval", *eval_args(_mini(t)), "--model", str(_file(t))],
+        ["a_file.txt"]),
+    # data
+    "split name that does not exist": (
+        lambda t: ["eval", *eval_args(_mini(t)), "--split", "nosuch"], ["nosuch"]),
+    "seed split that does not exist": (
+        lambda t: ["run", *eval_args(_mini(t)), "data.seed_split=nosuch"], ["nosuch"]),
+    "problems.json with non-UTF-8 bytes in a string": (
+        lambda t: eval_args((lambda r: ((r / "problems.json").write_bytes(
+            (r / "problems.json").read_bytes().replace(b'"question": "', b'"question": "\xe9', 1)),
+            r)[1])(_mini(t))), ["problems.json", "UTF-8"]),
+    "pid_splits.json is a list": (
+        lambda t: eval_args((lambda r: ((r / "pid_splits.json").write_text("[1, 2]"), r)[1])(
+            _mini(t))), ["pid_splits.json", "expected an object"]),
+    "checkpoint: a teacher whose every answer is unparsable": (
+        lambda t: ["run", *eval_args(_mini(t)), f"teacher.path={PLAIN[0]}",
+                   f"student.path={PLAIN[0]}", "loop.strategy=none", "loop.iterations=1",
+                   "align.train.max_steps=1", "imitate.max_new_tokens=4",
+                   "data.probe_split=test"],
+        ["iter_1/imitate", "nothing to train on"]),
+    "pool: unreadable image file": (lambda t: _pool_image(t, b"\x89PNG not an image"),
+                                    ["p0.png"]),
+    "pool: image file missing": (
+        lambda t: (lambda a: ((t / "sqa" / "pool" / "p0.png").unlink(), a)[1])(
+            _pool_image(t, b"")), ["p0.png"]),
+}
+CASES.update(MORE_CASES)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_one_clear_line_and_loses_nothing(name, tmp_path, capsys):
+def test_bad_input_is_one_clear_line_and_loses_nothing(name, tmp_path, capsys, request):
     setup, words = CASES[name]
+    if name.startswith("checkpoint:"):
+        PLAIN[:] = [request.getfixturevalue("plain_llava")]
     argv = setup(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -158,6 +263,10 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(name, tmp_path, capsys):
     if argv and argv[0] == "run":
         argv = ["run", f"run_dir={out}", *argv[1:]]
         cmd = argv
+    elif argv and argv[0] == "eval":
+        cmd = [*argv, "eval.limit=4"]
+        cmd += [] if "--model" in argv else ["--model", "builtin:student"]
+        cmd += [] if "--out" in argv else ["--out", str(out)]
     elif argv and argv[0].endswith(".yaml"):
         cmd = ["eval", argv[0], *argv[1:], "--model", "builtin:student", "--out", str(out)]
     else:
@@ -174,7 +283,7 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(name, tmp_path, capsys):
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 25 + 15
 
 
 @pytest.mark.parametrize("text", [

@@ -125,7 +125,58 @@ def test_missing_model_folder(mini, capsys, tmp_path):
 def test_console_script_error_is_one_line(tmp_path):
     exe = Path(sys.executable).with_name("mmdc")
     proc = subprocess.run([str(exe), "eval", "data.format=scienceqa", f"data.root={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"mmdc: error: {tmp_path}/problems.json: file not found"]
+
+
+# key=value overrides anywhere on the line: each command that reads the config reads an
+# override that stands after its options (a bad value proves it was read: the error
+# names the key before any work starts)
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "builtin:student", "--split", "test", "generate.tau=2"],
+    ["eval", "--model", "builtin:student", "generate.tau=2", "--split", "test"],
+    ["data", "export", "--split", "train", "--out", "x.json", "generate.tau=2"],
+    ["align", "generate.tau=2"],
+    ["run", "--resume", "generate.tau=2"],
+    ["calibrate", "--resume", "generate.tau=2"],
+    ["demo", "generate.tau=2"],
+    ["-v", "run", "--resume", "generate.tau=2"],
+])
+def test_overrides_after_options(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "generate.tau" in run_error(capsys, argv)
+
+
+def test_config_file_after_options(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate:\n  tau: 3\n")
+    assert "c.yaml" in run_error(capsys, ["eval", "--model", "builtin:student", str(cfg)])
+    line = run_error(capsys, ["eval", str(cfg), "--model", "builtin:student", str(cfg)])
+    assert "more than one config file" in line
+
+
+def test_a_key_without_value_says_overrides_are_key_value(capsys):
+    line = run_error(capsys, ["eval", "eval.batch_size", "--model", "builtin:student"])
+    assert "overrides are key=value" in line and "eval.batch_size" in line
+
+
+def test_an_unknown_option_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--bogus", "eval.limit=2"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_per_skill_table_has_rows_when_there_are_many_skills():
+    from mmdc.evaluation import format_skills
+
+    few = format_skills({"student": {f"s{i}": {"acc": 50.0} for i in range(8)}})
+    assert few.splitlines()[0].startswith("| model | s0 |") and len(few.splitlines()) == 3
+    many = format_skills({"teacher": {f"s{i:02d}": {"acc": 90.0} for i in range(69)},
+                          "student": {f"s{i:02d}": {"acc": 50.0} for i in range(68)}})
+    lines = many.splitlines()
+    assert lines[0] == "| skill | teacher | student |" and len(lines) == 2 + 69
+    assert lines[-1] == "| s68 | 90.00 | - |"

@@ -30,7 +30,7 @@ def one_and_two_ranks(command: str, tmp_path: Path, args: list[str]) -> str:
     out = {}
     for name, prefix in launch.items():
         got = subprocess.run([*prefix, command, f"run_dir={tmp_path / name}", *args], env=env,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=1800)
         assert got.returncode == 0, (name, got.stderr[-3000:])
         out[name] = got.stdout
     return out["two"]

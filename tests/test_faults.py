@@ -37,7 +37,7 @@ def _run(run_dir, args, point=None):
     if point:
         env["MMDC_FAILPOINT"] = point
     return subprocess.run([sys.executable, "-m", "mmdc", "run", f"run_dir={run_dir}", *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.fixture(scope="module")

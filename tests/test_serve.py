@@ -35,7 +35,7 @@ def call(url: str, path: str, body=None, token: str | None = TOKEN, raw: bytes |
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=600) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -51,7 +51,7 @@ def server():
          "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 900  # a guard against a server that never starts only
     while True:
         try:
             if call(url, "/v1/models")[0] == 200:
@@ -64,7 +64,7 @@ def server():
         time.sleep(0.3)
     yield url
     proc.terminate()
-    proc.wait(timeout=20)
+    proc.wait(timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,7 @@ def requests_():
 def backend(url: str, **kw) -> OpenAIBackend:
     os.environ[TOKEN_ENV] = TOKEN
     kw.setdefault("api_key_env", TOKEN_ENV)
+    kw.setdefault("timeout", 600.0)  # a hang guard: a loaded machine is slow, not broken
     return OpenAIBackend(url + "/v1", NAME, **kw)
 
 
@@ -194,12 +195,15 @@ def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_pat
 
 class FaultProxy:
     """A loopback proxy in front of the server that fails requests as ``plan(n)`` says:
-    "pass", "500" or "hang" (answer nothing for ``hang_s``), for the n-th request."""
+    "pass", "500" or "hang" (answer nothing until the proxy is closed), for the n-th
+    request. It counts what it saw, what it injected and what it forwarded."""
 
-    def __init__(self, target: str, plan, hang_s: float = 3.0):
-        self.target, self.plan, self.hang_s = target, plan, hang_s
+    def __init__(self, target: str, plan):
+        self.target, self.plan = target, plan
         self.seen = 0
+        self.injected = 0
         self.forwarded = 0
+        self.release = threading.Event()
         lock = threading.Lock()
         proxy = self
 
@@ -213,8 +217,11 @@ class FaultProxy:
                     n = proxy.seen
                     proxy.seen += 1
                 action = proxy.plan(n)
-                if action == "hang":
-                    time.sleep(proxy.hang_s)
+                if action != "pass":
+                    with lock:
+                        proxy.injected += 1
+                if action == "hang":  # until released: the client's timeout must act
+                    proxy.release.wait()
                     return
                 if action == "500":
                     self._send(500, b'{"error": {"message": "injected failure"}}')
@@ -223,7 +230,7 @@ class FaultProxy:
                                              headers={"Content-Type": "application/json",
                                                       "Authorization": self.headers.get(
                                                           "Authorization", "")})
-                with urllib.request.urlopen(req, timeout=60) as resp:
+                with urllib.request.urlopen(req, timeout=600) as resp:
                     payload = resp.read()
                 with lock:
                     proxy.forwarded += 1
@@ -245,6 +252,7 @@ class FaultProxy:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -254,11 +262,16 @@ def test_backend_retries_through_500s_and_timeouts(server, requests_):
     plan = {0: "500", 1: "500", 2: "hang"}
     proxy = FaultProxy(server, lambda n: plan.get(n, "pass"))
     try:
-        got = backend(proxy.url, concurrency=1, timeout=1.0, max_retries=4).generate(
+        # the hung request is given up after the client's timeout and retried; a request
+        # that is merely slow on a busy machine may be retried too, so what is asserted
+        # is the outcome: every injected failure was met and retried through, and the
+        # answers are those of the server asked directly
+        got = backend(proxy.url, concurrency=1, timeout=5.0, max_retries=8).generate(
             requests_[:4], max_new_tokens=24)
     finally:
         proxy.close()
-    assert got == want and proxy.seen == 7 and proxy.forwarded == 4
+    assert got == want and proxy.injected == 3
+    assert proxy.seen >= 7 and proxy.forwarded >= 4
 
 
 def test_dead_endpoint_is_a_clear_error_and_nothing_answered_is_lost(server, requests_,

@@ -22,16 +22,15 @@ artifacts back.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import random
-import time
 from pathlib import Path
 
 from mmdc.config import Config, save_resolved
-from mmdc.data.images import ImageCache
+from mmdc.data.images import ImageCache, check_images
 from mmdc.data.load import load_split_collective, read_image_pool
 from mmdc.data.pool import (
+    ensure_dir,
     read_jsonl,
     read_pool,
     write_json,
@@ -39,103 +38,18 @@ from mmdc.data.pool import (
     write_pool,
 )
 from mmdc.data.record import Instance
-from mmdc.errors import ConfigError
 from mmdc.evaluation import evaluate
 from mmdc.models.load import load_configured
 from mmdc.report import write_report
+from mmdc.runstate import (  # noqa: F401 - changed_keys is part of this module's API
+    RunState,
+    _journaled,
+    changed_keys,
+    check_resumable,
+    model_fingerprints,
+)
 
 log = logging.getLogger(__name__)
-
-
-class RunState:
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "state.json"
-        self.done: list[str] = []
-        if self.path.is_file():
-            self.done = json.loads(self.path.read_text())["done"]
-        self.clock = time.monotonic()
-
-    def __contains__(self, step: str) -> bool:
-        return step in self.done
-
-    def mark(self, step: str, summary: str = "") -> None:
-        """Record a finished step and say in one line what it did. Under several processes
-        rank 0 writes the file and every rank waits here, so what rank 0 wrote for the step
-        is there for all to read. The step's generation journal is no longer needed once
-        its results are written."""
-        from mmdc import distributed
-        from mmdc.faults import maybe_fail
-
-        self.done.append(step)
-        if distributed.is_main():
-            write_json(self.path, {"done": self.done, "last": step})
-            took = time.monotonic() - self.clock
-            log.info("%s done%s (%.0f s)", step, f": {summary}" if summary else "", took)
-            journal = journal_path(self.path.parent, step)
-            journal.unlink(missing_ok=True)
-            if journal.parent.is_dir() and not any(journal.parent.iterdir()):
-                journal.parent.rmdir()
-        distributed.barrier()
-        self.clock = time.monotonic()
-        maybe_fail(f"after:{step}")
-
-
-def journal_path(run_dir: Path, step: str) -> Path:
-    """Where a step checkpoints its in-process generation, batch by batch."""
-    return run_dir / "cache" / (step.replace("/", "-") + ".journal.jsonl")
-
-
-def _journaled(generator, run_dir: Path, step: str, who: str):
-    from mmdc.models.backends import Journaled
-
-    return Journaled(generator, journal_path(run_dir, step), f"{step}:{who}")
-
-
-# Keys that no finished step depends on: a resume may change them (add iterations, say;
-# or point at the teacher's server where it now runs).
-RESUME_SAFE_KEYS = ("run_dir", "loop.iterations", "eval.batch_size", "teacher.endpoint",
-                    "teacher.api_key_env", "teacher.concurrency", "teacher.timeout",
-                    "teacher.max_retries")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def changed_keys(old: dict, new: Config) -> list[str]:
-    """Dotted config keys whose value differs between a saved config and ``new``; a key
-    the saved config lacks (written by an older mmdc) counts at its default."""
-    before = _flatten(Config().model_dump(mode="json"))
-    before.update(_flatten(old))
-    after = _flatten(new.model_dump(mode="json"))
-    return sorted(k for k in before.keys() | after.keys()
-                  if before.get(k) != after.get(k)
-                  and not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS))
-
-
-def check_resumable(cfg: Config, run_dir: Path) -> None:
-    """Refuse to resume a run folder whose finished steps ran with another config."""
-    import yaml
-
-    saved = run_dir / "config.yaml"
-    if not RunState(run_dir).done or not saved.is_file():
-        return
-    try:
-        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{saved}: unreadable ({exc}); cannot check it before resuming") from None
-    changed = changed_keys(old, cfg)
-    if changed:
-        raise ConfigError(
-            f"{run_dir}: the config differs from the one its finished steps ran with "
-            f"({', '.join(changed)}); use a new run_dir, or set these back to resume")
 
 
 def _loss_words(losses: list[float]) -> str:
@@ -233,23 +147,29 @@ def run(cfg: Config) -> Path:
     from mmdc import distributed
 
     main = distributed.is_main()  # rank 0 writes the run folder; every rank computes
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_resumable(cfg, run_dir)
+    run_dir = ensure_dir(cfg.run_dir, "run_dir")
+    check_resumable(cfg, run_dir)  # the config and every model the finished steps used
+    state = RunState(run_dir)
+    state.check_models(model_fingerprints(cfg))
     if main:
         save_resolved(cfg, run_dir)
-    state = RunState(run_dir)
     seed_split = load_split_collective(cfg.data, cfg.data.seed_split)
     probe = load_split_collective(cfg.data, cfg.data.probe_split)
     test = load_split_collective(cfg.data, cfg.data.test_split)
     images = ImageCache(seed_split.root)
     pool_images = ([r["image"] for r in read_image_pool(seed_split.root, cfg.data.pool)]
                    if cfg.data.pool else [])
+    if cfg.loop.strategy != "none" and pool_images:  # a bad pool image: say so now
+        check_images(seed_split.root, pool_images, str(seed_split.root / f"{cfg.data.pool}.jsonl"))
     if cfg.loop.strategy != "none" and not pool_images and main:
         log.warning("no unlabelled image pool (data.pool): the teacher can only write "
                     "text-only instances; seeds with an image are skipped")
     labelled = [i for i in seed_split.instances if i.answer is not None]
     tb = run_dir / "tensorboard"
+    if not state.done:  # sizes that cannot fit are refused before any work starts
+        from mmdc.stages.lengths import check_lengths
+
+        check_lengths(cfg, seed_split, [probe, test])
 
     if "baseline" not in state:  # the student as given, for the report's comparisons
         res = _evaluate(cfg, _student(cfg, None), test, "baseline: eval student")
@@ -328,7 +248,10 @@ def run(cfg: Config) -> Path:
                     iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold,
                     challenge=g.challenge, temperature=g.temperature,
                     max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size,
-                    seed=cfg.seed + k, max_accepted=g.max_accepted)
+                    seed=cfg.seed + k, max_accepted=g.max_accepted,
+                    verify_prompt=g.verify_prompt,
+                    verify_max_new_tokens=(cfg.eval.max_new_tokens
+                                           if g.verify_prompt == "CQM-A" else None))
                 del teacher, student
                 gc.collect()
             if main:
@@ -347,21 +270,28 @@ def run(cfg: Config) -> Path:
                 rows = sft_rows(new, [images(i.image) for i in new], "CQM-LEA")
                 losses = _train_role(cfg, cfg.teacher, rows, teacher_adapter,
                                      it / "teacher_adapter", tb / f"teacher-{k}",
-                                     cfg.loop.teacher_train, label=f"iter_{k}/teacher_update")
+                                     cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
+                                     max_length_key="loop.teacher_train.max_length")
                 if main:
                     write_json(it / "teacher_update.json", {"trained_on": len(rows), "losses": losses})
                 state.mark(f"iter_{k}/teacher_update", f"the teacher learned {len(rows)} "
                            "verified instances, " + _loss_words(losses))
             teacher_adapter = str(it / "teacher_adapter")
         pool = labelled + generated  # the seed split and every accepted instance so far
-        # -- the teacher answers the instruction pool (CQM-LEA)
+        # -- the teacher answers the instruction pool
         if f"iter_{k}/teacher_answers" not in state:
             teacher = _journaled(_teacher(cfg, teacher_adapter, run_dir), run_dir,
                                  f"iter_{k}/teacher_answers", "teacher")
 
-            def answer_all(t=teacher, items=pool, k=k):
+            # the teacher answers in the format the student learns: rationales when it
+            # learns them, else the letter alone (a short answer, and the toy teacher's best)
+            lea = "CQM-LEA" in cfg.imitate.formats
+
+            def answer_all(t=teacher, items=pool, k=k, lea=lea):
                 return answer_pool(t, items, [images(i.image) for i in items],
-                                   max_new_tokens=cfg.imitate.max_new_tokens,
+                                   fmt="CQM-LEA" if lea else "CQM-A",
+                                   max_new_tokens=(cfg.imitate.max_new_tokens if lea
+                                                   else cfg.eval.max_new_tokens),
                                    batch_size=cfg.eval.batch_size,
                                    desc=f"iter {k}: teacher answers")
 
@@ -388,7 +318,8 @@ def run(cfg: Config) -> Path:
                           weight=im.kd_weight)
             losses = _train_role(cfg, cfg.student, rows, start, student_adapter,
                                  tb / f"imitate-{k}", cfg.imitate.train,
-                                 label=f"iter_{k}/imitate", **kd)
+                                 label=f"iter_{k}/imitate",
+                                 max_length_key="imitate.train.max_length", **kd)
             del kd
             gc.collect()
             if main:

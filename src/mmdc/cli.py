@@ -73,12 +73,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _split_config_args(args) -> tuple[str | None, list[str]]:
-    """Let the first positional be an override when no config file is given."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
+    """The config file and the ``key=value`` overrides, wherever they stood on the line:
+    a positional with ``=`` that is not an existing file is an override, any other is the
+    config file (at most one)."""
+    items = ([args.config] if args.config is not None else []) + list(args.overrides)
+    configs = [a for a in items if "=" not in a or Path(a).exists()]
+    overrides = [a for a in items if a not in configs]
+    if len(configs) > 1:
+        raise MmdcError(f"more than one config file given ({', '.join(configs)}); config "
+                        "overrides are key=value, e.g. eval.batch_size=16")
+    return (configs[0] if configs else None), overrides
 
 
 def _load_cfg(args):
@@ -93,8 +97,10 @@ def _load_cfg(args):
 
 def cmd_data_synth(args) -> int:
     from mmdc.data.load import write_synthetic_task
+    from mmdc.data.pool import ensure_dir
     from mmdc.toy.world import TaskSizes
 
+    ensure_dir(args.out, "--out")
     sizes = TaskSizes(pretrain=args.pretrain, train=args.train, pool=args.pool, val=args.val,
                       test=args.test)
     out = write_synthetic_task(args.out, sizes, args.seed)
@@ -159,6 +165,7 @@ def cmd_eval(args) -> int:
     from mmdc import distributed
     from mmdc.config import save_resolved
     from mmdc.data.load import load_split_collective
+    from mmdc.data.pool import ensure_dir
     from mmdc.evaluation import evaluate, format_columns, format_skills
     from mmdc.models.backends import load_backend
 
@@ -171,6 +178,7 @@ def cmd_eval(args) -> int:
     out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
     main = distributed.is_main()
     if main:
+        ensure_dir(out_dir, "--out" if args.out else "run_dir")
         save_resolved(cfg, out_dir)
     columns, skills = {}, {}
     for which in args.model:
@@ -227,12 +235,13 @@ def cmd_models_info(args) -> int:
 def cmd_align(args) -> int:
     from mmdc import distributed
     from mmdc.config import save_resolved
-    from mmdc.data.pool import write_json
+    from mmdc.data.pool import ensure_dir, write_json
     from mmdc.stages.align import run_align
 
     cfg = _load_cfg(args)
     run_dir = Path(cfg.run_dir)
     if distributed.is_main():
+        ensure_dir(run_dir, "run_dir")
         save_resolved(cfg, run_dir)
     for role in cfg.align.roles:
         out = run_dir / "align" / role
@@ -280,6 +289,9 @@ def cmd_export(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
+    from mmdc.data.pool import ensure_dir
+
+    ensure_dir(args.out, "--out")
     try:
         out = export_student(run_dir, Path(args.out))
     except FileNotFoundError as exc:
@@ -426,7 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere on the line, after options too
+    args, extras = parser.parse_known_args(argv)
+    stray = [a for a in extras if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = list(args.overrides) + extras
     setup_logging(args.verbose)
     if getattr(args, "command", None) == "eval" and args.model is None:
         args.model = ["teacher", "student"]
@@ -442,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MmdcError as exc:
         print(f"mmdc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave that cannot be read or written
+        if args.verbose or not exc.filename:
+            raise
+        print(f"mmdc: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         what = "terminated" if terminated else "interrupted"

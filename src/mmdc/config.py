@@ -84,8 +84,12 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(200, ge=1)
     warmup_steps: int = Field(20, ge=0)
-    max_length: int = Field(512, ge=16)
+    # tokens per training row; unset: the longest row of the data (image tokens included)
+    max_length: int | None = Field(None, ge=16)
     logging_steps: int = Field(10, ge=1)
+    # recompute activations in the backward pass: saves memory on large models, costs a
+    # third more compute (TRL turns it on by default; off here unless a config asks)
+    gradient_checkpointing: bool = False
 
 
 class AlignConfig(_Section):
@@ -125,6 +129,10 @@ class GenerateConfig(_Section):
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
     challenge: bool = True  # drop instances the student already answers like the teacher
     temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
+    # the format of the teacher's k verifying answers: its rationales (CQM-LEA) or the
+    # letter alone (CQM-A). The toy teacher answers 99.75% in CQM-A but 91% in CQM-LEA
+    # (spatial 54, alphabet 76): its letters are the better labels
+    verify_prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-A"
     max_new_tokens: int = Field(128, ge=8)
     # keep at most this many accepted instances per iteration (0: no limit); the rest are
     # dropped as over_budget. Comparing strategies at an equal generation budget uses it.
@@ -168,6 +176,35 @@ class Config(_Section):
 
 
 # ------------------------------------------------------------------------- loading
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives the same key twice (PyYAML would keep the last silently)."""
+
+
+def _check_duplicates(node, path: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            name = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"key '{name}' is given twice (lines {seen[key]} and "
+                                        f"{line}); keep one")
+            seen[key] = line
+            _check_duplicates(value_node, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]")
+
+
+def load_yaml(text: str):
+    """Parse YAML text as ``yaml.safe_load`` does, but refuse a key given twice in one
+    mapping (PyYAML keeps the last one silently: a typo then changes a run without a
+    word)."""
+    _check_duplicates(yaml.compose(text, Loader=yaml.SafeLoader))
+    return yaml.safe_load(text)
 
 
 def _describe(loc: tuple, model: type[BaseModel]) -> str:
@@ -245,9 +282,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         source = str(path)
         if not path.is_file():
+            import re
+
+            if not path.exists() and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)+", str(path)) and \
+                    path.suffix not in (".yaml", ".yml", ".json"):
+                raise ConfigError(f"{path}: neither a config file nor an override; overrides "
+                                  f"are key=value (e.g. {path}=VALUE)")
+            if path.is_dir():
+                raise ConfigError(f"{path}: a folder, not a config file")
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = load_yaml(path.read_text(encoding="utf-8"))
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -256,7 +303,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"{path}: the config file is empty (no keys); leave it out to "
+                              "run the built-in default")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, "
                               f"got {type(loaded).__name__}")

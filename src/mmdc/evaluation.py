@@ -75,12 +75,23 @@ def format_columns(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def format_skills(rows: dict[str, dict]) -> str:
+def format_skills(rows: dict[str, dict], max_columns: int = 10) -> str:
+    """Accuracy per skill as a markdown table: one column per skill when there are few
+    (the built-in task's eight), one row per skill when there are more (ScienceQA's 69)."""
     skills = sorted({s for r in rows.values() for s in r})
+
+    def cell(r, s):
+        return _fmt(r[s]["acc"]) if s in r else "-"
+
+    if len(skills) > max_columns:
+        names = list(rows)
+        lines = ["| skill | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [f"| {s} | " + " | ".join(cell(rows[n], s) for n in names) + " |"
+                  for s in skills]
+        return "\n".join(lines)
     lines = ["| model | " + " | ".join(skills) + " |", "|---|" + "---:|" * len(skills)]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(
-            _fmt(r[s]["acc"]) if s in r else "-" for s in skills) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(r, s) for s in skills) + " |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,22 @@ def load_image(root: str | Path, rel: str, where: str) -> Image.Image:
         raise DataError(f"{where}: unreadable image {path} ({exc.__class__.__name__})") from None
 
 
+def check_images(root: str | Path, rels: list[str], where: str) -> None:
+    """Check that every image exists under ``root`` and is a readable image (its header and,
+    for PNG, its checksums; not decoded), so a bad one is reported before any work starts."""
+    for n, rel in enumerate(rels, 1):
+        here = f"{where}, line {n}"
+        path = resolve_image(root, rel, here)
+        if not path.is_file():
+            raise DataError(f"{here}: image file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{here}: unreadable image {path} "
+                            f"({exc.__class__.__name__})") from None
+
+
 class ImageCache:
     """Loads each image under ``root`` once; ``cache(rel, where)`` -> PIL image or None."""
 

@@ -15,9 +15,28 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mmdc.data.record import Instance
-from mmdc.errors import DataError
+from mmdc.errors import DataError, MmdcError
 
 log = logging.getLogger(__name__)
+
+
+def ensure_dir(path: str | Path, what: str) -> Path:
+    """Create the output folder ``path`` (named ``what`` in errors: a config key or an
+    option) or say in one line why it cannot be: a file stands there or above it, or it
+    is not writable."""
+    path = Path(path)
+    for above in (path, *path.parents):
+        if above.exists() and not above.is_dir():
+            where = "is" if above == path else f"is under {above}, which is"
+            raise MmdcError(f"{what} {path} {where} a file, not a folder; choose another "
+                            f"{what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MmdcError(f"{what} {path}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MmdcError(f"{what} {path}: the folder is not writable")
+    return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

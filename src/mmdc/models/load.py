@@ -105,8 +105,10 @@ def load_model(path: str, *, adapter: str | None = None, dtype: str = "float32",
             folder, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
             local_files_only=True, use_safetensors=True,
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{folder}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file (SafetensorError,
+        # OSError, ValueError, ...): reported with the folder, not as a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{folder}: cannot load the model ({first})") from None
     if adapter:
         model = load_adapter(model, adapter)
     model.to(_device(device))

@@ -126,7 +126,8 @@ def _quiet_progress(desc: str):
 
 def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
               logging_dir: str | Path | None = None, seed: int = 0, trainer_class=None,
-              label: str | None = None, **trainer_kwargs):
+              label: str | None = None, max_length_key: str = "train.max_length",
+              **trainer_kwargs):
     """Train ``model`` (already a PEFT model) on ``rows`` with TRL's SFTTrainer and save
     the adapter to ``out_dir``. Returns the trainer's log history."""
     import torch
@@ -139,8 +140,14 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
     from mmdc.errors import TrainingError
 
     out_dir = Path(out_dir)
+    if not rows:
+        raise TrainingError(f"{label or out_dir}: nothing to train on (no rows: every "
+                            "instance was unlabelled or every teacher answer unparsable)")
     cpu = not torch.cuda.is_available()
     multi = distributed.world_size() > 1
+    from mmdc.stages.lengths import fit_max_length
+
+    max_length = fit_max_length(processor, rows, settings.max_length, max_length_key)
 
     def make_args(batch: int, accum: int):
         return SFTConfig(
@@ -151,12 +158,13 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
             logging_steps=min(settings.logging_steps, settings.max_steps),
             save_strategy="no",
             report_to="none",
-            seed=seed, data_seed=seed, max_length=settings.max_length,
+            seed=seed, data_seed=seed, max_length=max_length,
             completion_only_loss=True, remove_unused_columns=False, use_cpu=cpu,
             ddp_backend="gloo" if cpu and multi else None,
             ddp_find_unused_parameters=False if multi else None,
             dataloader_num_workers=0, disable_tqdm=False, bf16=False,
             logging_nan_inf_filter=False,  # a diverged loss must show, not be averaged away
+            gradient_checkpointing=settings.gradient_checkpointing,
         )
 
     batch = distributed.per_device_batch(settings.batch_size)
@@ -249,7 +257,8 @@ def run_align(cfg, role: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     history = train_sft(model, loaded.processor, rows, out_dir / "adapter", cfg.align.train,
                         logging_dir=Path(cfg.run_dir) / "tensorboard" / f"align-{role}",
-                        seed=cfg.seed, label=f"align/{role}")
+                        seed=cfg.seed, label=f"align/{role}",
+                        max_length_key="align.train.max_length")
     losses = [h["loss"] for h in history if "loss" in h]
     if not losses or not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"align {role}: training produced non-finite losses {losses}")
