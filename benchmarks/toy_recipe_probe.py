@@ -149,10 +149,10 @@ def main() -> int:
             loss = sum(losses[-50:]) / len(losses[-50:])
             line = f"step {step} loss {loss:.3f} {time.time() - start:.0f}s"
             parts = {}
-            if set(stage.formats) - {"vqa", "vqa-all"}:
+            if set(stage.formats) - {"vqa"}:
                 parts = {"CQM-A": answer_accuracy(model, processor, val, "CQM-A", 8),
                          "CQM-LEA": answer_accuracy(model, processor, val, "CQM-LEA", 64)}
-            if set(stage.formats) & {"vqa", "vqa-all"}:  # is the grounding still there?
+            if "vqa" in stage.formats:  # is the grounding still there?
                 parts["vqa"] = vqa_accuracy(model, processor, val)
             for name, acc in parts.items():
                 line += f" | {name} " + " ".join(f"{k}={v:.2f}" for k, v in acc.items())

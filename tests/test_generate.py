@@ -29,9 +29,13 @@ def test_select_seeds_ratio_and_fresh_images():
     assert modes.count("same") == 10 and modes.count("rarer") == 10
     images = [s.image for s in seeds]
     assert len(set(images)) == 20 and set(images) <= set(pool)
-    seeds = select_seeds(hard, easy, 20, pool, random.Random(0), hard_share=0.75)
-    assert [s.mode for s in seeds].count("same") == 10  # capped by the hard seeds available
+    # more hard seeds than hard instances: drawn again, each time on a fresh image
+    seeds = select_seeds(hard[:3], easy, 20, pool, random.Random(0), hard_share=0.75)
+    assert [s.mode for s in seeds].count("same") == 15
+    assert {s.instance.id for s in seeds if s.mode == "same"} == {"h0", "h1", "h2"}
+    assert len({s.image for s in seeds}) == 20
     assert len(select_seeds(hard, [], 5, pool, random.Random(0))) == 5
+    assert [s.mode for s in select_seeds([], easy, 5, pool, random.Random(0))] == ["rarer"] * 5
     text_only = _inst("t", image=None, skill="alphabet")
     (s,) = select_seeds([text_only], [], 1, [], random.Random(0))
     assert s.image is None

@@ -115,7 +115,7 @@ def test_resume_with_a_changed_config_is_refused_and_loses_nothing(finished_run,
     run_dir, args = finished_run
     saved = (run_dir / "config.yaml").read_text()
     state = (run_dir / "state.json").read_text()
-    changed = [*args, "imitate.train.learning_rate=0.5", "generate.tau=0.9"]
+    changed = [*args, "imitate.train.learning_rate=0.5", "generate.tau=0.5"]
     assert main(changed) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -244,21 +244,62 @@ def test_killed_during_iteration_2_then_resume(tmp_path, sig):
             json.loads((clean / f"iter_{k}" / "metrics.json").read_text())
 
 
-def test_self_improving_teacher_is_updated_and_used(tmp_path):
+def test_self_improving_teacher_checks_itself_and_learns_its_rationales(tmp_path):
     run_dir = tmp_path / "run"
     args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
             "loop.self_improve=true", "loop.teacher_train.max_steps=2",
-            "align.roles=[student, teacher]",
+            "align.roles=[student, teacher]", "loop.teacher_seeds=4",
             "loop.teacher_train.batch_size=4", "generate.challenge=false", "generate.tau=0.0",
             "generate.per_iteration=6"]
     assert main(args) == 0
     it = run_dir / "iter_1"
-    assert json.loads((it / "generation_report.json").read_text())["accepted"] > 0
-    assert (run_dir / "align" / "teacher" / "adapter" / "adapter_config.json").is_file()
-    assert (it / "teacher_adapter" / "adapter_model.safetensors").is_file()
+    state = json.loads((run_dir / "state.json").read_text())["done"]
+    assert state[state.index("iter_1/generate") + 1:state.index("iter_1/teacher_answers")] == [
+        "iter_1/teacher_generate", "iter_1/teacher_update"]
+    # the self-assessment: the teacher's letter and rationale on every probe question
+    check = [json.loads(x) for x in (it / "teacher_self_assessment.jsonl").read_text().splitlines()]
+    probes = (it / "teacher_probe_answers.jsonl").read_text().splitlines()
+    assert len(check) == len(probes) and {"letter", "rationale", "unreliable"} <= set(check[0])
+    assert all(r["unreliable"] == (r["rationale"] is None or r["letter"] != r["rationale"])
+               for r in check)
+    report = json.loads((it / "teacher_generation_report.json").read_text())
+    assert report["asked"] == (4 if any(r["unreliable"] for r in check) else 0)
+    # the update: verified instances with rationales that reach their answers
     update = json.loads((it / "teacher_update.json").read_text())
-    assert update["trained_on"] > 0 and all(math.isfinite(x) for x in update["losses"])
-    assert "iter_1/teacher_update" in json.loads((run_dir / "state.json").read_text())["done"]
+    accepted = (json.loads((it / "generation_report.json").read_text())["accepted"]
+                + report.get("accepted", 0))
+    assert update["instances"] == accepted and update["with_rationale"] <= accepted
+    if update["with_rationale"]:
+        assert (it / "teacher_adapter" / "adapter_model.safetensors").is_file()
+        assert all(math.isfinite(x) for x in update["losses"])
+    assert (run_dir / "align" / "teacher" / "adapter" / "adapter_config.json").is_file()
+    # the teacher in both formats, as given and after the iteration
+    base = json.loads((run_dir / "baseline" / "metrics.json").read_text())
+    metrics = json.loads((it / "metrics.json").read_text())
+    assert {"student", "teacher", "teacher_rationales"} <= set(base) <= set(metrics)
+
+
+def test_rationales_are_kept_only_when_they_reach_the_verified_answer():
+    from types import SimpleNamespace
+
+    from mmdc.data.record import Instance
+    from mmdc.stages.improve import sample_rationales, unreliable, update_rows
+
+    insts = [Instance(id=f"q{n}", question="q", choices=["a", "b"], answer=n % 2,
+                      skill="color") for n in range(3)]
+    outs = {0: ["The answer is B.", "The answer is A."],  # second reaches A: kept
+            1: ["The answer is A.", "nothing"],  # none reaches B: dropped
+            2: ["The answer is A.", "The answer is B."]}  # first reaches A: kept
+    teacher = SimpleNamespace(generate=lambda reqs, **kw: [t for n in range(3) for t in outs[n]])
+    kept, counts = sample_rationales(teacher, insts, [None] * 3, k=2, temperature=0.7,
+                                     max_new_tokens=8, batch_size=4, seed=0, desc="t")
+    assert [(i.id, t) for i, _, t in kept] == [("q0", "The answer is A."),
+                                               ("q2", "The answer is A.")]
+    assert counts == {"instances": 3, "with_rationale": 2}
+    rows = update_rows(kept)
+    assert len(rows) == 4 and rows[2]["completion"][0]["content"][0]["text"] == "A"
+    flags = unreliable(insts[:2], [{"choice": 0}, {"choice": 1}], [{"choice": 0}, {"choice": None}])
+    assert [f["unreliable"] for f in flags] == [False, True]
 
 
 def test_token_level_kd_trains(tmp_path):

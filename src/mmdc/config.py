@@ -96,7 +96,9 @@ class AlignConfig(_Section):
     """Stage 1: LoRA alignment on the seed instruction set."""
 
     roles: list[Literal["teacher", "student"]] = ["student"]
-    prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
+    # the seed split's gold answers as letters (CQM-A: the toy student's task format) or
+    # with the lecture and solution (CQM-LEA: the real configs, as LLaVA's recipe)
+    prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-A"
     lora: LoraConfigSection = LoraConfigSection()
     train: TrainConfig = TrainConfig(max_steps=100)
 
@@ -125,9 +127,13 @@ class GenerateConfig(_Section):
     per_iteration: int = Field(192, ge=1)  # seeds asked per iteration
     hard_share: float = Field(0.5, ge=0.0, le=1.0)  # hard:easy = 1:1 by default
     k: int = Field(5, ge=1)  # sampled teacher answers for self-consistency
-    tau: float = Field(0.6, ge=0.0, le=1.0)  # minimum agreement to keep an instance
+    # minimum agreement of the k + 1 votes (written label and k samples) to keep an
+    # instance: 0.9 with k=5 asks all six to agree (the toy teacher's letters are sharp:
+    # a disagreement marks a suspect instance); the real configs use 0.6
+    tau: float = Field(0.9, ge=0.0, le=1.0)
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
-    challenge: bool = True  # drop instances the student already answers like the teacher
+    # drop instances the student already answers like the teacher (targeted strategy only)
+    challenge: bool = True
     temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
     # the format of the teacher's k verifying answers: its rationales (CQM-LEA) or the
     # letter alone (CQM-A). The toy teacher answers 99.75% in CQM-A but 91% in CQM-LEA
@@ -151,11 +157,16 @@ class AssessConfig(_Section):
 
 class LoopConfig(_Section):
     iterations: int = Field(3, ge=0)
+    # targeted: seeds from what the assessment found hard (and the challenge filter);
+    # random: seeds drawn from the instruction pool, nothing about the student used (the
+    # ablation of Lion without its referee); none: plain distillation on the seed split
     strategy: Literal["targeted", "random", "none"] = "targeted"
     retrain: Literal["continue", "reset"] = "continue"
-    # the self-improving teacher: LoRA-update the teacher on its own verified instances
-    # before the next iteration
+    # the self-improving teacher (mmdc.stages.improve): it also finds where its own letter
+    # and rationale disagree on the probes, writes and verifies instances there, and learns
+    # the iteration's verified instances with rationales of its own that reach the answers
     self_improve: bool = False
+    teacher_seeds: int = Field(64, ge=0)  # seeds per iteration for the teacher's weak spots
     # the self-improving teacher's LoRA update on its verified instances: gentle, since at
     # lr 1e-3 the 99.75% toy teacher lost 4 points over 3 iterations (README)
     teacher_train: TrainConfig = TrainConfig(max_steps=50, learning_rate=1e-4)

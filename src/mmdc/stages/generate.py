@@ -38,10 +38,14 @@ class Seed:
 
 def select_seeds(hard: list[Instance], easy: list[Instance], n: int, pool_images: list[str],
                  rng: random.Random, hard_share: float = 0.5) -> list[Seed]:
-    """Pick ``n`` seeds, ``hard_share`` of them hard (as far as there are), each image seed
-    paired with a distinct unused pool image."""
-    n_hard = min(len(hard), round(n * hard_share)) if easy else min(len(hard), n)
-    n_easy = min(len(easy), n - n_hard)
+    """Pick ``n`` seeds, ``hard_share`` of them hard, each image seed paired with a distinct
+    unused pool image. Seeds are drawn with replacement: a hard instance seeds several new
+    ones, each on its own image, so that a few hard probes still fill the hard share (the
+    assessment of a good student finds few). With no easy instances every seed is hard,
+    and the other way round."""
+    n_hard = round(n * hard_share) if easy else n
+    n_hard = n_hard if hard else 0
+    n_easy = n - n_hard if easy else 0
     picks = [(s, "same") for s in rng.choices(hard, k=n_hard)] if hard else []
     picks += [(s, "rarer") for s in rng.choices(easy, k=n_easy)] if easy else []
     free = list(pool_images)

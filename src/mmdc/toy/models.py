@@ -77,7 +77,7 @@ class ToySpec:
 
 VISION_SPEC = VisionSpec()
 TEACHER_SPEC = ToySpec(text_hidden=192, text_layers=3, text_heads=4, text_intermediate=512)
-STUDENT_SPEC = ToySpec(text_hidden=64, text_layers=3, text_heads=2, text_intermediate=128)
+STUDENT_SPEC = ToySpec(text_hidden=128, text_layers=3, text_heads=4, text_intermediate=384)
 
 
 def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:

@@ -38,9 +38,7 @@ from mmdc.toy import world
 
 log = logging.getLogger(__name__)
 
-# "vqa-all": short answers with every skill alike, whatever the stage's skill weights (the
-# grounding rehearsed while a stage teaches answer formats at other weights)
-FORMATS = ("vqa", "vqa-all", "cqm-a", "cqm-lea", "write")
+FORMATS = ("vqa", "cqm-a", "cqm-lea", "write")
 ALL_SKILLS = {k: 1.0 for k in world.SKILL_NAMES}
 
 
@@ -118,8 +116,6 @@ def build_examples(stage: Stage, seed: int = 0) -> list[Example]:
     """The stage's examples, drawn from the world (deterministic for a seed)."""
     instances = world.sample_instances(stage.examples, stage.skills, f"recipe-{stage.name}",
                                        seed)
-    every_skill = (world.sample_instances(stage.examples, ALL_SKILLS, f"recipe-{stage.name}-all",
-                                          seed) if "vqa-all" in stage.formats else [])
     rng = random.Random(f"mmdc-recipe-{stage.name}-{seed}")
     names = list(stage.formats)
     weights = [stage.formats[k] for k in names]
@@ -129,10 +125,7 @@ def build_examples(stage: Stage, seed: int = 0) -> list[Example]:
         scene = inst.meta.get("scene")
         if fmt == "write":
             examples.append(_written_example(inst, rng, i))
-        elif fmt in ("vqa", "vqa-all"):
-            if fmt == "vqa-all":
-                inst = every_skill[i]
-                scene = inst.meta.get("scene")
+        elif fmt == "vqa":
             examples.append(Example(world.vqa_prompt(inst), scene, world.vqa_answer(inst)))
         else:
             f = fmt.upper()

@@ -1,0 +1,63 @@
+"""The self-improving teacher (``loop.self_improve``): the teacher finds where its own
+answers are unreliable, writes and verifies new instances there, and learns them with
+rationales of its own that reach the verified answer (as STaR keeps the rationales that
+reach the right answer).
+
+1. Self-assessment, without labels: the teacher answers each probe twice, with the letter
+   alone (CQM-A) and with a rationale (CQM-LEA). Where the two disagree, or the rationale
+   reaches no answer, one of them is wrong: the teacher is unreliable there.
+2. Generation: those probes seed new instances of the same kind, written, parsed and
+   verified as the student's are (no challenge filter: here the teacher is the learner).
+3. Rationales: the teacher samples k rationales for each verified instance, its own and
+   the student-targeted ones of the iteration; the first whose answer is the verified
+   label is kept, an instance with none is dropped.
+4. Update: LoRA on the kept rationales (CQM-LEA) and the verified letters (CQM-A), so that
+   learning one format does not cost the other.
+"""
+
+from __future__ import annotations
+
+from mmdc.data.record import LETTERS, Instance
+from mmdc.generation import Request
+from mmdc.prompts import build_prompt, parse_answer
+
+
+def unreliable(instances: list[Instance], letters: list[dict], rationales: list[dict]
+               ) -> list[dict]:
+    """One row per probe: the teacher's letter (CQM-A) and its rationale's answer
+    (CQM-LEA), and whether they disagree (``unreliable``)."""
+    out = []
+    for inst, a, r in zip(instances, letters, rationales, strict=True):
+        out.append({"id": inst.id, "skill": inst.skill, "letter": a["choice"],
+                    "rationale": r["choice"],
+                    "unreliable": r["choice"] is None or a["choice"] != r["choice"]})
+    return out
+
+
+def sample_rationales(teacher, instances: list[Instance], images: list, *, k: int,
+                      temperature: float, max_new_tokens: int, batch_size: int, seed: int,
+                      desc: str) -> tuple[list[tuple[Instance, object, str]], dict]:
+    """For each instance, k sampled rationales; the first that reaches the instance's
+    (verified) answer is kept. Returns (instance, image, rationale) triples and counts."""
+    requests = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in zip(instances, images)
+                for _ in range(k)]
+    texts = teacher.generate(requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             do_sample=temperature > 0, temperature=temperature, seed=seed,
+                             desc=desc)
+    kept = []
+    for j, (inst, img) in enumerate(zip(instances, images)):
+        for text in texts[j * k:(j + 1) * k]:
+            if parse_answer(text, len(inst.choices)) == inst.answer:
+                kept.append((inst, img, text))
+                break
+    return kept, {"instances": len(instances), "with_rationale": len(kept)}
+
+
+def update_rows(kept: list[tuple[Instance, object, str]]) -> list[dict]:
+    """The teacher's update: each kept rationale (CQM-LEA) and its letter (CQM-A)."""
+    from mmdc.stages.align import sft_rows
+
+    instances = [i for i, _, _ in kept]
+    images = [img for _, img, _ in kept]
+    return (sft_rows(instances, images, "CQM-LEA", [t for _, _, t in kept])
+            + sft_rows(instances, images, "CQM-A", [LETTERS[i.answer] for i in instances]))

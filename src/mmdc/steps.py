@@ -1,0 +1,363 @@
+"""The calibration loop's steps, one function each (run in order by
+:func:`mmdc.calibrate.run`).
+
+Each step computes, writes its artifacts (rank 0 only) and returns its one-line summary;
+it runs only when the run folder has not recorded it. Each restore reads a finished step's
+artifacts back into the :class:`Loop`, whether the step ran now or in an earlier process.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmdc.config import Config
+from mmdc.data.images import ImageCache
+from mmdc.data.pool import read_jsonl, read_pool, write_json, write_jsonl, write_pool
+from mmdc.data.record import Instance
+from mmdc.evaluation import evaluate
+from mmdc.roles import (
+    evaluate_on,
+    load_role,
+    loss_words,
+    referee,
+    student_model,
+    teacher_backend,
+    train_role,
+)
+from mmdc.runstate import RunState, _journaled
+
+
+@dataclass
+class Loop:
+    """What the steps of one run share: the config, the run folder and its state, the
+    data, and where the loop stands (the current adapters and the generated pool)."""
+
+    cfg: Config
+    run_dir: Path
+    state: RunState
+    main: bool
+    seed_split: object
+    probe: object
+    test: object
+    images: ImageCache
+    pool_images: list[str]
+    labelled: list[Instance]
+    adapter: str | None = None  # the student's current adapter
+    teacher_adapter: str | None = None
+    generated: list[Instance] = field(default_factory=list)
+    used_images: set[str] = field(default_factory=set)
+
+    @property
+    def pool(self) -> list[Instance]:
+        """The instruction pool: the seed split and every accepted instance so far."""
+        return self.labelled + self.generated
+
+    def it(self, k: int) -> Path:
+        return self.run_dir / f"iter_{k}"
+
+    def teacher(self, step: str, who: str = "teacher"):
+        return _journaled(teacher_backend(self.cfg, self.teacher_adapter, self.run_dir),
+                          self.run_dir, step, who)
+
+    def student(self, step: str, adapter: str | None = ...):
+        return _journaled(student_model(self.cfg, self.adapter if adapter is ... else adapter),
+                          self.run_dir, step, "student")
+
+
+def _images_of(loop: Loop, instances: list[Instance]) -> list:
+    return [loop.images(i.image) for i in instances]
+
+
+def step_baseline(loop: Loop) -> str:
+    """The student as given (and, when the teacher self-improves, the teacher in both
+    formats), on the held-out test, for the report's comparisons."""
+    cfg = loop.cfg
+    res = evaluate_on(cfg, student_model(cfg, None), loop.test, "baseline: eval student")
+    metrics = {"student": {"columns": res.columns, "skills": res.skills}}
+    if cfg.loop.self_improve:
+        metrics.update(_teacher_metrics(loop, None, "baseline"))
+    if loop.main:
+        write_json(loop.run_dir / "baseline" / "metrics.json", metrics)
+    return f"student {res.accuracy:.2f} on the held-out test"
+
+
+def step_align(loop: Loop, role: str) -> str:
+    from mmdc.stages.align import run_align
+
+    summary = run_align(loop.cfg, role, loop.run_dir / "align" / role)
+    if loop.main:
+        write_json(loop.run_dir / "align" / role / "metrics.json", summary)
+    return (f"{role} LoRA-aligned on {summary['instances']} instances, "
+            + loss_words(summary["losses"]))
+
+
+def step_assess(loop: Loop, k: int) -> str:
+    """Teacher and student answer the probe split; the referee marks hard / easy. When the
+    teacher self-improves it also answers with rationales, to find where it is unreliable."""
+    from mmdc.stages.assess import summarize
+    from mmdc.stages.imitate import answer_pool
+
+    cfg, it, step = loop.cfg, loop.it(k), f"iter_{k}/assess"
+    p_inst = [i for i in loop.probe.instances if i.choices]
+    p_img = [loop.probe.image(i) for i in p_inst]
+    short = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    teacher = loop.teacher(step)
+    t_rows = answer_pool(teacher, p_inst, p_img, fmt="CQM-A", desc=f"iter {k}: teacher probes",
+                         **short)
+    self_check = None
+    if cfg.loop.self_improve:
+        from mmdc.stages.improve import unreliable
+
+        r_rows = answer_pool(loop.teacher(step, "teacher-rationales"), p_inst, p_img,
+                             fmt="CQM-LEA", max_new_tokens=cfg.generate.max_new_tokens,
+                             batch_size=cfg.eval.batch_size,
+                             desc=f"iter {k}: teacher rationales")
+        self_check = unreliable(p_inst, t_rows, r_rows)
+    del teacher
+    gc.collect()
+    student = loop.student(step)
+    s_rows = answer_pool(student, p_inst, p_img, fmt="CQM-A", desc=f"iter {k}: student probes",
+                         **short)
+    verdicts = referee(cfg, loop.teacher_adapter, loop.run_dir).judge(
+        p_inst, t_rows, s_rows, student_model=student.model, processor=student.processor,
+        images=p_img)
+    del student
+    gc.collect()
+    if loop.main:
+        write_jsonl(it / "teacher_probe_answers.jsonl", t_rows)
+        write_jsonl(it / "student_probe_answers.jsonl", s_rows)
+        write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])
+        write_json(it / "assessment_summary.json", summarize(p_inst, verdicts))
+        if self_check is not None:
+            write_jsonl(it / "teacher_self_assessment.jsonl", self_check)
+    hard = sum(v.hard is True for v in verdicts)
+    words = f"{hard} of {len(verdicts)} probe questions hard"
+    if self_check is not None:
+        words += (f"; the teacher unreliable on {sum(r['unreliable'] for r in self_check)} "
+                  "(its letter and its rationale disagree)")
+    return words
+
+
+def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool):
+    """Write and verify instances from ``seeds``; (accepted, rejected, report)."""
+    from mmdc.stages.generate import generate_instances
+
+    cfg, g = loop.cfg, loop.cfg.generate
+    step = f"iter_{k}/{prefix}"
+    teacher = loop.teacher(step)
+    student = loop.student(step) if challenge else None
+    out = generate_instances(
+        teacher, student, seeds, loop.images, existing=loop.pool + loop.probe.instances,
+        iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold, challenge=challenge,
+        temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+        batch_size=cfg.eval.batch_size, seed=cfg.seed + k, max_accepted=g.max_accepted,
+        verify_prompt=g.verify_prompt,
+        verify_max_new_tokens=cfg.eval.max_new_tokens if g.verify_prompt == "CQM-A" else None)
+    del teacher, student
+    gc.collect()
+    return out
+
+
+def _free_images(loop: Loop) -> list[str]:
+    return [p for p in loop.pool_images if p not in loop.used_images]
+
+
+def step_generate(loop: Loop, k: int) -> str:
+    """The teacher writes, verifies and filters new instances: seeded from the probes the
+    assessment marked hard and easy (targeted), or from random pool instances (random)."""
+    from mmdc.stages.generate import select_seeds
+
+    cfg, it = loop.cfg, loop.it(k)
+    accepted, rejected, report = [], [], None
+    if cfg.loop.strategy != "none":
+        verdicts = {r["id"]: r["hard"] for r in read_jsonl(it / "assessment.jsonl")}
+        by_id = {i.id: i for i in loop.probe.instances}
+        rng = random.Random(f"{cfg.seed}-generate-{k}")
+        if cfg.loop.strategy == "targeted":
+            hard = [by_id[i] for i, h in verdicts.items() if h is True]
+            easy = [by_id[i] for i, h in verdicts.items() if h is False]
+        else:  # random: the same budget seeded from random pool instances, blind to the
+            # student (no challenge filter either): Lion without its referee
+            hard, easy = list(loop.pool), []
+        seeds = select_seeds(hard, easy, cfg.generate.per_iteration, _free_images(loop), rng,
+                             cfg.generate.hard_share)
+        accepted, rejected, report = _write_generation(
+            loop, k, "generate", seeds,
+            challenge=cfg.generate.challenge and cfg.loop.strategy == "targeted")
+    if loop.main:
+        write_pool(it / "generated_accepted.jsonl", accepted)
+        write_jsonl(it / "generated_rejected.jsonl", rejected)
+        write_json(it / "generation_report.json",
+                   report.to_dict() if report else {"asked": 0, "accepted": 0})
+    if report is None:
+        return "nothing generated (strategy none)"
+    return f"{len(accepted)} of {report.asked} written instances accepted"
+
+
+def restore_generate(loop: Loop, k: int) -> None:
+    new = read_pool(loop.it(k) / "generated_accepted.jsonl")
+    loop.generated += new
+    loop.used_images.update(i.image for i in new if i.image)
+
+
+def step_teacher_generate(loop: Loop, k: int) -> str:
+    """The self-improving teacher writes instances where it found itself unreliable."""
+    from mmdc.stages.generate import select_seeds
+
+    cfg, it = loop.cfg, loop.it(k)
+    rows = read_jsonl(it / "teacher_self_assessment.jsonl")
+    by_id = {i.id: i for i in loop.probe.instances}
+    weak = [by_id[r["id"]] for r in rows if r["unreliable"]]
+    accepted, rejected, report = [], [], None
+    if weak and cfg.loop.teacher_seeds:
+        seeds = select_seeds(weak, [], cfg.loop.teacher_seeds, _free_images(loop),
+                             random.Random(f"{cfg.seed}-teacher-generate-{k}"))
+        accepted, rejected, report = _write_generation(loop, k, "teacher_generate", seeds,
+                                                       challenge=False)
+    if loop.main:
+        write_pool(it / "teacher_generated_accepted.jsonl", accepted)
+        write_jsonl(it / "teacher_generated_rejected.jsonl", rejected)
+        write_json(it / "teacher_generation_report.json",
+                   report.to_dict() if report else {"asked": 0, "accepted": 0})
+    return (f"{len(accepted)} of {report.asked} instances for the teacher's own weak spots "
+            "accepted" if report else "the teacher found no weak spot of its own")
+
+
+def restore_teacher_generate(loop: Loop, k: int) -> None:
+    images = read_pool(loop.it(k) / "teacher_generated_accepted.jsonl")
+    loop.used_images.update(i.image for i in images if i.image)
+
+
+def step_teacher_update(loop: Loop, k: int) -> str:
+    """The teacher learns its verified instances of the iteration (its own and the
+    student-targeted ones) with rationales of its own that reach the verified answers."""
+    from mmdc.stages.improve import sample_rationales, update_rows
+
+    cfg, it, g = loop.cfg, loop.it(k), loop.cfg.generate
+    instances = (read_pool(it / "generated_accepted.jsonl")
+                 + read_pool(it / "teacher_generated_accepted.jsonl"))
+    kept, counts = sample_rationales(
+        loop.teacher(f"iter_{k}/teacher_update"), instances, _images_of(loop, instances),
+        k=g.k, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+        batch_size=cfg.eval.batch_size, seed=cfg.seed + 1000 + k,
+        desc=f"iter {k}: teacher rationales")
+    gc.collect()
+    losses: list[float] = []
+    if kept:
+        losses = train_role(cfg, cfg.teacher, update_rows(kept), loop.teacher_adapter,
+                             it / "teacher_adapter", loop.run_dir / "tensorboard" / f"teacher-{k}",
+                             cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
+                             max_length_key="loop.teacher_train.max_length")
+    if loop.main:
+        write_json(it / "teacher_update.json", {**counts, "losses": losses})
+    if not kept:
+        return f"nothing for the teacher to learn ({counts['instances']} instances)"
+    return (f"the teacher learned {len(kept)} of {counts['instances']} verified instances with "
+            "rationales of its own that reach the verified answer, " + loss_words(losses))
+
+
+def restore_teacher_update(loop: Loop, k: int) -> None:
+    if (loop.it(k) / "teacher_adapter").is_dir():
+        loop.teacher_adapter = str(loop.it(k) / "teacher_adapter")
+
+
+def step_teacher_answers(loop: Loop, k: int) -> str:
+    """The teacher answers the instruction pool (cached JSONL) in the format the student
+    learns: rationales when it learns them, else the letter alone (a short answer, and the
+    toy teacher's best)."""
+    from mmdc.stages.imitate import answer_pool, cached_answers
+
+    cfg, pool = loop.cfg, loop.pool
+    teacher = loop.teacher(f"iter_{k}/teacher_answers")
+    lea = "CQM-LEA" in cfg.imitate.formats
+
+    def answer_all(teacher=teacher):
+        return answer_pool(teacher, pool, _images_of(loop, pool),
+                           fmt="CQM-LEA" if lea else "CQM-A",
+                           max_new_tokens=cfg.imitate.max_new_tokens if lea
+                           else cfg.eval.max_new_tokens,
+                           batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher answers")
+
+    cached_answers(loop.it(k) / "teacher_answers.jsonl", pool, answer_all)
+    del teacher
+    gc.collect()
+    return f"the teacher answered {len(pool)} instances ({len(loop.generated)} generated)"
+
+
+def step_imitate(loop: Loop, k: int) -> str:
+    """The student learns the teacher's answers (LoRA, TRL SFT), generated instances
+    weighted ``imitate.generated_weight`` times."""
+    from mmdc.stages.imitate import imitation_rows, kd_beta, kd_trainer_class
+
+    cfg, it, pool = loop.cfg, loop.it(k), loop.pool
+    answers = read_jsonl(it / "teacher_answers.jsonl")
+    rows, dropped = imitation_rows(pool, answers, _images_of(loop, pool), cfg.imitate.formats,
+                                   {i.id for i in loop.generated},
+                                   cfg.imitate.generated_weight)
+    aligned = (str(loop.run_dir / "align" / "student" / "adapter")
+               if "student" in cfg.align.roles else None)
+    start = loop.adapter if cfg.loop.retrain == "continue" else aligned
+    kd = {}
+    if cfg.imitate.kd != "none":
+        im = cfg.imitate
+        kd = dict(trainer_class=kd_trainer_class(),
+                  teacher_model=load_role(cfg.teacher, loop.teacher_adapter).model,
+                  beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
+                  weight=im.kd_weight)
+    losses = train_role(cfg, cfg.student, rows, start, it / "student_adapter",
+                         loop.run_dir / "tensorboard" / f"imitate-{k}", cfg.imitate.train,
+                         label=f"iter_{k}/imitate", max_length_key="imitate.train.max_length",
+                         **kd)
+    del kd
+    gc.collect()
+    if loop.main:
+        write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
+                                         "losses": losses})
+    return (f"the student learned {len(rows)} teacher answers ({dropped} unparsable "
+            "dropped), " + loss_words(losses))
+
+
+def restore_imitate(loop: Loop, k: int) -> None:
+    loop.adapter = str(loop.it(k) / "student_adapter")
+
+
+def _teacher_metrics(loop: Loop, k: int | None, where: str) -> dict:
+    """The self-improving teacher on the held-out test in its rationale format
+    (CQM-LEA): where it improves. ``k`` None: the teacher as given."""
+    cfg = loop.cfg
+    step = "baseline" if k is None else f"iter_{k}/evaluate"
+    teacher = _journaled(teacher_backend(cfg, loop.teacher_adapter if k else None, loop.run_dir),
+                         loop.run_dir, step, "teacher-rationales")
+    res = evaluate(teacher, loop.test, fmt="CQM-LEA", batch_size=cfg.eval.batch_size,
+                   max_new_tokens=cfg.generate.max_new_tokens, limit=cfg.eval.limit,
+                   desc=f"{where}: eval teacher rationales")
+    del teacher
+    gc.collect()
+    out = {"teacher_rationales": {"columns": res.columns, "skills": res.skills}}
+    if k is None:  # the teacher as given, in the eval format too
+        base = evaluate_on(cfg, teacher_backend(cfg, None, loop.run_dir), loop.test,
+                         "baseline: eval teacher")
+        out["teacher"] = {"columns": base.columns, "skills": base.skills}
+    return out
+
+
+def step_evaluate(loop: Loop, k: int) -> str:
+    """Teacher and student on the held-out test split (and the self-improving teacher in
+    its rationale format too)."""
+    cfg, it, step = loop.cfg, loop.it(k), f"iter_{k}/evaluate"
+    metrics = {}
+    for role in ("teacher", "student"):
+        res = evaluate_on(cfg, loop.teacher(step) if role == "teacher" else loop.student(step),
+                        loop.test, f"iter {k}: eval {role}")
+        if loop.main:
+            res.save(it, f"{role}_test")
+        metrics[role] = {"columns": res.columns, "skills": res.skills}
+    if cfg.loop.self_improve:
+        metrics.update(_teacher_metrics(loop, k, f"iter {k}"))
+    if loop.main:
+        write_json(it / "metrics.json", metrics)
+    return "held-out test: " + ", ".join(f"{role} {m['columns']['Avg']['acc']:.2f}"
+                                         for role, m in metrics.items())
