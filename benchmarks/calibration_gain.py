@@ -80,13 +80,20 @@ def run_one(out: Path, seed: int, strategy: str, args) -> dict:
             "student": m["student"]["columns"]["Avg"]["acc"],
             "student_skills": {s: v["acc"] for s, v in m["student"]["skills"].items()},
             "teacher_skills": {s: v["acc"] for s, v in m["teacher"]["skills"].items()},
+            # the self-improving teacher in the format it improves (CQM-LEA rationales)
+            "rationale_skills": {s: v["acc"] for s, v in
+                                 m.get("teacher_rationales", {}).get("skills", {}).items()},
             "accepted": gen.get("accepted", 0),
             "hard": json.loads((it / "assessment_summary.json").read_text()).get("per_skill", {}),
         })
     report = json.loads((run_dir / "report.json").read_text())
-    base = json.loads((run_dir / "baseline" / "metrics.json").read_text())["student"]
+    baseline = json.loads((run_dir / "baseline" / "metrics.json").read_text())
+    base = baseline["student"]
+    teacher0 = {f: {s: v["acc"] for s, v in baseline[k]["skills"].items()}
+                for f, k in (("CQM-A", "teacher"), ("CQM-LEA", "teacher_rationales"))
+                if k in baseline}
     return {"seed": seed, "strategy": strategy, "run_dir": str(run_dir), **info,
-            "base_student": base["columns"]["Avg"]["acc"],
+            "base_student": base["columns"]["Avg"]["acc"], "base_teacher": teacher0,
             "iterations": iters, "diagnostics": report.get("diagnostics", {})}
 
 
@@ -117,6 +124,8 @@ def summarize(runs: list[dict], iterations: int) -> dict:
                                    for s in sorted(its[0]["teacher_skills"])},
                 "student_skills": {s: mean_sd([i["student_skills"][s] for i in its])
                                    for s in skills},
+                "rationale_skills": {s: mean_sd([i["rationale_skills"][s] for i in its])
+                                     for s in sorted(its[0]["rationale_skills"])},
             })
         out[strategy] = {
             "iterations": per_iter,
@@ -124,6 +133,9 @@ def summarize(runs: list[dict], iterations: int) -> dict:
             "peak_mb": max(r["peak_mb"] for r in rs),
             "final_student": [r["iterations"][-1]["student"] for r in rs],
             "base_student": mean_sd([r["base_student"] for r in rs]),
+            "base_teacher": {f: {k: mean_sd([r["base_teacher"][f][k] for r in rs])
+                                 for k in rs[0]["base_teacher"][f]}
+                             for f in rs[0]["base_teacher"]},
         }
     return out
 
@@ -229,22 +241,37 @@ def print_sources(runs: list[dict], summary: dict, seed_share: dict[str, float])
 
 
 def print_self_improve(summary: dict) -> None:
-    """The teacher's skills under self-improvement against the unchanged teacher."""
+    """The self-improving teacher's skills against the teacher as given: in its rationale
+    format (CQM-LEA), where it checks and improves itself, and in the eval format
+    (CQM-A), where it must not lose."""
     if "self-improve" not in summary:
         return
-    fixed = next(s for a, s in summary.items() if a != "self-improve")
-    base = {k: v[0] for k, v in fixed["iterations"][0]["teacher_skills"].items()}
-    its = summary["self-improve"]["iterations"]
-    weakest = min(base, key=lambda k: (base[k], k))
-    path = " -> ".join(f"{i['teacher_skills'][weakest][0]:.1f}" for i in its)
-    worst = min(((i["teacher_skills"][k][0] - base[k], k) for i in its for k in base
-                 if k != weakest), default=(0.0, "-"))
-    t = statistics.fmean(summary["self-improve"]["final_student"])
-    print(f"\nSelf-improving teacher: its weakest skill, {weakest}, {base[weakest]:.1f} "
-          f"(unchanged teacher) -> {path} over the iterations; the largest fall of any other "
-          f"skill: {worst[0]:+.1f} points ({worst[1]}). Teacher overall "
-          + " -> ".join(f"{i['teacher'][0]:.1f}" for i in its)
-          + f". The student under it ends at {t:.1f}"
+    s = summary["self-improve"]
+    its = s["iterations"]
+    lea0 = {k: v[0] for k, v in s["base_teacher"]["CQM-LEA"].items()}
+    a0 = {k: v[0] for k, v in s["base_teacher"]["CQM-A"].items()}
+    print("\nSelf-improving teacher, per skill (mean over seeds): the teacher as given, then "
+          "after each iteration; its rationales (CQM-LEA, where it checks itself) and its "
+          "letters (CQM-A, the eval format).\n")
+    skills = sorted(lea0)
+    print("| format | when | " + " | ".join(skills) + " | avg |")
+    print("|---|---|" + "---:|" * (len(skills) + 1))
+    for fmt, base, key in (("CQM-LEA", lea0, "rationale_skills"), ("CQM-A", a0, "teacher_skills")):
+        rows = [("as given", base)] + [(f"iter {k}", {x: v[0] for x, v in i[key].items()})
+                                       for k, i in enumerate(its, 1)]
+        for when, sk in rows:
+            print(f"| {fmt} | {when} | " + " | ".join(f"{sk[x]:.1f}" for x in skills)
+                  + f" | {statistics.fmean(sk.values()):.1f} |")
+    weakest = min(lea0, key=lambda k: (lea0[k], k))
+    path = " -> ".join(f"{i['rationale_skills'][weakest][0]:.1f}" for i in its)
+    falls = [(i["teacher_skills"][k][0] - a0[k], k) for i in its for k in a0]
+    falls += [(i["rationale_skills"][k][0] - lea0[k], k) for i in its for k in lea0
+              if k != weakest]
+    worst = min(falls, default=(0.0, "-"))
+    t = statistics.fmean(s["final_student"])
+    print(f"\nIts weakest skill, {weakest} (rationales): {lea0[weakest]:.1f} as given -> "
+          f"{path} over the iterations; the largest fall of any other skill in either "
+          f"format: {worst[0]:+.1f} points ({worst[1]}). The student under it ends at {t:.1f}"
           + (f" (targeted with a fixed teacher: "
              f"{statistics.fmean(summary['targeted']['final_student']):.1f})."
              if "targeted" in summary else "."))

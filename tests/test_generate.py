@@ -142,3 +142,21 @@ def test_max_accepted_caps_the_budget_and_counts_the_rest(monkeypatch):
     assert len(accepted) == 2 and report.accepted == 2
     assert report.to_dict()["dropped"]["over_budget"] == 3
     assert [r["reason"] for r in rejected] == ["over_budget"] * 3
+
+
+def test_challenge_by_kind_keeps_a_guessing_students_both_answers():
+    from mmdc.stages.generate import mastered_kinds
+
+    def inst(n, seed_skill, mode="same"):
+        return Instance(id=f"g{n}", question="q", choices=["a", "b"], answer=n % 2,
+                        skill=seed_skill, meta={"seed_skill": seed_skill, "mode": mode})
+
+    # magnets: the student guesses "a" every time, right on half; count: right on 9 of 10
+    insts = [inst(n, "magnets") for n in range(4)] + [inst(n, "count") for n in range(10)]
+    agrees = [n % 2 == 0 for n in range(4)] + [n != 3 for n in range(10)]
+    kept = [not m for m in mastered_kinds(insts, agrees, 0.9)]
+    assert kept[:4] == [True] * 4  # both answers stay: no bias learned from the filter
+    assert kept[4:] == [False] * 10  # a mastered kind is dropped whole
+    # the same seed skill written in the other mode is another kind
+    other = [inst(0, "count", "rarer")]
+    assert mastered_kinds(other, [False], 0.9) == [False]

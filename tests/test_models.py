@@ -112,8 +112,10 @@ def test_shipped_vision_tower_matches_current_objective():
 
 
 def test_shipped_checkpoints_are_small_safetensors():
+    # teacher 7.0 MB, student 4.0 MB, vision tower 1.0 MB (float32 safetensors) and their
+    # configs and tokenizers: anything much larger is a file that should not ship
     files = [p for p in TOY_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 10 * 1024 * 1024
+    assert sum(p.stat().st_size for p in files) <= 14 * 1024 * 1024
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl")]
 
 

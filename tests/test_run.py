@@ -263,13 +263,16 @@ def test_self_improving_teacher_checks_itself_and_learns_its_rationales(tmp_path
     assert all(r["unreliable"] == (r["rationale"] is None or r["letter"] != r["rationale"])
                for r in check)
     report = json.loads((it / "teacher_generation_report.json").read_text())
-    assert report["asked"] == (4 if any(r["unreliable"] for r in check) else 0)
+    if any(r["unreliable"] for r in check):  # 4 seeds, as far as the 8 pool images go
+        assert 0 < report["asked"] <= 4
+    else:
+        assert report["asked"] == 0
     # the update: verified instances with rationales that reach their answers
     update = json.loads((it / "teacher_update.json").read_text())
     accepted = (json.loads((it / "generation_report.json").read_text())["accepted"]
                 + report.get("accepted", 0))
     assert update["instances"] == accepted and update["with_rationale"] <= accepted
-    if update["with_rationale"]:
+    if accepted:
         assert (it / "teacher_adapter" / "adapter_model.safetensors").is_file()
         assert all(math.isfinite(x) for x in update["losses"])
     assert (run_dir / "align" / "teacher" / "adapter" / "adapter_config.json").is_file()
@@ -287,17 +290,20 @@ def test_rationales_are_kept_only_when_they_reach_the_verified_answer():
 
     insts = [Instance(id=f"q{n}", question="q", choices=["a", "b"], answer=n % 2,
                       skill="color") for n in range(3)]
-    outs = {0: ["The answer is B.", "The answer is A."],  # second reaches A: kept
+    insts.append(Instance(id="q3", question="q", choices=["a", "b"], answer=1, skill="color"))
+    outs = {0: ["The answer is B.", "The answer is A."],  # unsure, second reaches A: kept
             1: ["The answer is A.", "nothing"],  # none reaches B: dropped
-            2: ["The answer is A.", "The answer is B."]}  # first reaches A: kept
-    teacher = SimpleNamespace(generate=lambda reqs, **kw: [t for n in range(3) for t in outs[n]])
-    kept, counts = sample_rationales(teacher, insts, [None] * 3, k=2, temperature=0.7,
+            2: ["The answer is A.", "The answer is B."],  # unsure, first reaches A: kept
+            3: ["The answer is B.", "The answer is B."]}  # reliable: nothing to learn
+    teacher = SimpleNamespace(generate=lambda reqs, **kw: [t for n in range(4) for t in outs[n]])
+    kept, counts = sample_rationales(teacher, insts, [None] * 4, k=2, temperature=0.7,
                                      max_new_tokens=8, batch_size=4, seed=0, desc="t")
     assert [(i.id, t) for i, _, t in kept] == [("q0", "The answer is A."),
                                                ("q2", "The answer is A.")]
-    assert counts == {"instances": 3, "with_rationale": 2}
-    rows = update_rows(kept)
-    assert len(rows) == 4 and rows[2]["completion"][0]["content"][0]["text"] == "A"
+    assert counts == {"instances": 4, "reliable": 1, "none": 1, "with_rationale": 2}
+    rows = update_rows(kept, insts, [None] * 4)
+    assert len(rows) == 2 + 4 and rows[2]["completion"][0]["content"][0]["text"] == "A"
+    assert rows[0]["completion"][0]["content"][0]["text"] == "The answer is A."
     flags = unreliable(insts[:2], [{"choice": 0}, {"choice": 1}], [{"choice": 0}, {"choice": None}])
     assert [f["unreliable"] for f in flags] == [False, True]
 

@@ -114,7 +114,7 @@ class ImitateConfig(_Section):
     # how many times each generated instance's rows appear in the imitation data (the seed
     # split's once): >1 puts the weight of training on what the calibration found missing
     generated_weight: int = Field(8, ge=1)
-    train: TrainConfig = TrainConfig(max_steps=100)
+    train: TrainConfig = TrainConfig(max_steps=200)
     # optional token-level distillation on top of the sequence-level loss (needs a shared
     # vocabulary): generalised JSD, beta 0 = forward KL, 1 = reverse KL
     kd: Literal["none", "forward_kl", "reverse_kl", "jsd"] = "none"
@@ -132,8 +132,14 @@ class GenerateConfig(_Section):
     # a disagreement marks a suspect instance); the real configs use 0.6
     tau: float = Field(0.9, ge=0.0, le=1.0)
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
-    # drop instances the student already answers like the teacher (targeted strategy only)
+    # drop instances the student already answers like the teacher (targeted strategy only),
+    # judged per instance or per kind (the instances written for one seed skill and mode,
+    # dropped together when the student answers at least `mastery` of them like the
+    # teacher: judged one by one, a student that guesses keeps only its wrong guesses and
+    # learns the other answer's bias)
     challenge: bool = True
+    challenge_by: Literal["instance", "kind"] = "kind"
+    mastery: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
     # the format of the teacher's k verifying answers: its rationales (CQM-LEA) or the
     # letter alone (CQM-A). The toy teacher answers 99.75% in CQM-A but 91% in CQM-LEA

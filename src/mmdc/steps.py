@@ -154,7 +154,7 @@ def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool
         iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold, challenge=challenge,
         temperature=g.temperature, max_new_tokens=g.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + k, max_accepted=g.max_accepted,
-        verify_prompt=g.verify_prompt,
+        verify_prompt=g.verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
         verify_max_new_tokens=cfg.eval.max_new_tokens if g.verify_prompt == "CQM-A" else None)
     del teacher, student
     gc.collect()
@@ -239,24 +239,26 @@ def step_teacher_update(loop: Loop, k: int) -> str:
     cfg, it, g = loop.cfg, loop.it(k), loop.cfg.generate
     instances = (read_pool(it / "generated_accepted.jsonl")
                  + read_pool(it / "teacher_generated_accepted.jsonl"))
+    images = _images_of(loop, instances)
     kept, counts = sample_rationales(
-        loop.teacher(f"iter_{k}/teacher_update"), instances, _images_of(loop, instances),
+        loop.teacher(f"iter_{k}/teacher_update"), instances, images,
         k=g.k, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + 1000 + k,
         desc=f"iter {k}: teacher rationales")
     gc.collect()
     losses: list[float] = []
-    if kept:
-        losses = train_role(cfg, cfg.teacher, update_rows(kept), loop.teacher_adapter,
+    if instances:
+        losses = train_role(cfg, cfg.teacher, update_rows(kept, instances, images),
+                            loop.teacher_adapter,
                              it / "teacher_adapter", loop.run_dir / "tensorboard" / f"teacher-{k}",
                              cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
                              max_length_key="loop.teacher_train.max_length")
     if loop.main:
         write_json(it / "teacher_update.json", {**counts, "losses": losses})
-    if not kept:
-        return f"nothing for the teacher to learn ({counts['instances']} instances)"
-    return (f"the teacher learned {len(kept)} of {counts['instances']} verified instances with "
-            "rationales of its own that reach the verified answer, " + loss_words(losses))
+    if not instances:
+        return "nothing for the teacher to learn (no verified instance)"
+    return (f"the teacher learned {counts['instances']} verified instances, with rationales "
+            f"of its own for the {len(kept)} it was unsure of, " + loss_words(losses))
 
 
 def restore_teacher_update(loop: Loop, k: int) -> None:

@@ -10,7 +10,8 @@ verifies its own labels (the self-improving teacher's calibration).
    against an instance on the same image, or against any text-only instance for text-only
    items: a templated question on a *new* image is a new instance), ``unverified`` (the
    teacher's k sampled answers agree less than tau), ``not_challenging`` (the current
-   student already answers like the teacher).
+   student already answers like the teacher: one by one, or, ``challenge_by="kind"``, on
+   at least ``mastery`` of the instances written for the same kind of seed).
 3. Calibration: the label kept is the majority of the teacher's written label and its k
    sampled answers (kept when at least tau of the k + 1 agree), the samples in the
    format ``verify_prompt`` (rationales, CQM-LEA, or the letter alone, CQM-A: whichever the
@@ -116,6 +117,23 @@ def majority(choices: list[int | None]) -> tuple[int | None, float]:
     return value, count / len(choices)
 
 
+def kind_of(inst: Instance) -> tuple[str, str]:
+    """The kind of request an instance was written for: its seed's skill and the mode."""
+    return inst.meta.get("seed_skill", inst.skill), inst.meta.get("mode", "same")
+
+
+def mastered_kinds(instances: list[Instance], agrees: list[bool], mastery: float) -> list[bool]:
+    """The challenge filter by kind: every instance of a kind the student answers like the
+    teacher on at least ``mastery`` of its instances counts as not challenging, every other
+    instance as challenging. Judged one by one, a student that guesses between two answers
+    keeps only the instances it guessed wrong, and learns the other answer's bias."""
+    by_kind: dict[tuple[str, str], list[bool]] = {}
+    for inst, agree in zip(instances, agrees, strict=True):
+        by_kind.setdefault(kind_of(inst), []).append(agree)
+    rate = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    return [rate[kind_of(inst)] >= mastery for inst in instances]
+
+
 @dataclass
 class GenerationReport:
     asked: int = 0
@@ -137,7 +155,8 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                        challenge: bool = True, temperature: float = 0.7,
                        max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
                        max_accepted: int = 0, verify_prompt: str = "CQM-LEA",
-                       verify_max_new_tokens: int | None = None) -> tuple[list[Instance], list[dict], GenerationReport]:
+                       verify_max_new_tokens: int | None = None, challenge_by: str = "instance",
+                       mastery: float = 0.9) -> tuple[list[Instance], list[dict], GenerationReport]:
     """Write, parse, filter and verify new instances.
 
     ``teacher`` and ``student`` are backends (:mod:`mmdc.models.backends`; the student an
@@ -202,9 +221,13 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
     if challenge and verified:
         outs = student.generate([Request(build_prompt(i, "CQM-A"), img) for i, img in verified],
                                 max_new_tokens=8, batch_size=batch_size, desc=f"iter {iteration}: student tries")
+        agrees = [parse_answer(out, len(inst.choices)) == inst.answer
+                  for (inst, _), out in zip(verified, outs)]
+        if challenge_by == "kind":
+            agrees = mastered_kinds([inst for inst, _ in verified], agrees, mastery)
         accepted = []
-        for (inst, img), out in zip(verified, outs):
-            if parse_answer(out, len(inst.choices)) == inst.answer:
+        for (inst, img), agree in zip(verified, agrees):
+            if agree:
                 report.dropped["not_challenging"] += 1
                 report.count(inst.skill, "not_challenging")
                 rejected.append({"id": inst.id, "reason": "not_challenging",

@@ -9,10 +9,11 @@ reach the right answer).
 2. Generation: those probes seed new instances of the same kind, written, parsed and
    verified as the student's are (no challenge filter: here the teacher is the learner).
 3. Rationales: the teacher samples k rationales for each verified instance, its own and
-   the student-targeted ones of the iteration; the first whose answer is the verified
-   label is kept, an instance with none is dropped.
-4. Update: LoRA on the kept rationales (CQM-LEA) and the verified letters (CQM-A), so that
-   learning one format does not cost the other.
+   the student-targeted ones of the iteration. Where some but not all of them reach the
+   verified label, the teacher is unsure: the first that reaches it is kept to learn from
+   (where all do, there is nothing to learn; where none does, no rationale to trust).
+4. Update: LoRA on the kept rationales (CQM-LEA) and the verified letters of every
+   instance (CQM-A), so that learning one format does not cost the other.
 """
 
 from __future__ import annotations
@@ -37,27 +38,34 @@ def unreliable(instances: list[Instance], letters: list[dict], rationales: list[
 def sample_rationales(teacher, instances: list[Instance], images: list, *, k: int,
                       temperature: float, max_new_tokens: int, batch_size: int, seed: int,
                       desc: str) -> tuple[list[tuple[Instance, object, str]], dict]:
-    """For each instance, k sampled rationales; the first that reaches the instance's
-    (verified) answer is kept. Returns (instance, image, rationale) triples and counts."""
+    """For each instance, k sampled rationales; where some but not all reach the
+    instance's (verified) answer, the first that does is kept. Returns (instance, image,
+    rationale) triples and counts (``reliable``: all k reached it; ``none``: none did)."""
     requests = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in zip(instances, images)
                 for _ in range(k)]
     texts = teacher.generate(requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              do_sample=temperature > 0, temperature=temperature, seed=seed,
                              desc=desc)
-    kept = []
+    kept, counts = [], {"instances": len(instances), "reliable": 0, "none": 0}
     for j, (inst, img) in enumerate(zip(instances, images)):
-        for text in texts[j * k:(j + 1) * k]:
-            if parse_answer(text, len(inst.choices)) == inst.answer:
-                kept.append((inst, img, text))
-                break
-    return kept, {"instances": len(instances), "with_rationale": len(kept)}
+        right = [t for t in texts[j * k:(j + 1) * k]
+                 if parse_answer(t, len(inst.choices)) == inst.answer]
+        if len(right) == k:
+            counts["reliable"] += 1
+        elif not right:
+            counts["none"] += 1
+        else:
+            kept.append((inst, img, right[0]))
+    counts["with_rationale"] = len(kept)
+    return kept, counts
 
 
-def update_rows(kept: list[tuple[Instance, object, str]]) -> list[dict]:
-    """The teacher's update: each kept rationale (CQM-LEA) and its letter (CQM-A)."""
+def update_rows(kept: list[tuple[Instance, object, str]], instances: list[Instance],
+                images: list) -> list[dict]:
+    """The teacher's update: the kept rationales (CQM-LEA) and the letters of every
+    verified instance (CQM-A)."""
     from mmdc.stages.align import sft_rows
 
-    instances = [i for i, _, _ in kept]
-    images = [img for _, img, _ in kept]
-    return (sft_rows(instances, images, "CQM-LEA", [t for _, _, t in kept])
+    return (sft_rows([i for i, _, _ in kept], [img for _, img, _ in kept], "CQM-LEA",
+                     [t for _, _, t in kept])
             + sft_rows(instances, images, "CQM-A", [LETTERS[i.answer] for i in instances]))
