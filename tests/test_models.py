@@ -55,9 +55,9 @@ def test_vision_position_table_encodes_rows_and_columns():
 
 
 def test_teacher_and_student_share_the_tower_and_the_student_is_much_smaller():
-    """Both are assembled on one tower (its tensors copied in unchanged); the student has
-    at most a quarter of the teacher's parameters and at most an eighth of its language
-    model's."""
+    """Both are assembled on one tower (its tensors copied in unchanged); as LLaVA-1.5-7B
+    against 13B (0.54 of the parameters), the student has at most 60% of the teacher's
+    parameters and at most half of its language model's."""
     tok = toy.build_tokenizer()
     tower = toy.build_vision_tower(seed=3)
     teacher = toy.build_model(toy.TEACHER_SPEC, tok, tower=tower)
@@ -65,9 +65,9 @@ def test_teacher_and_student_share_the_tower_and_the_student_is_much_smaller():
     for model in (teacher, student):
         mine = model.model.vision_tower.state_dict()
         assert all(torch.equal(mine[k], v) for k, v in tower.state_dict().items())
-    assert count_parameters(student) * 4 <= count_parameters(teacher)
+    assert count_parameters(student) * 5 <= count_parameters(teacher) * 3
     lm = [count_parameters(m.model.language_model) for m in (teacher, student)]
-    assert lm[1] * 8 <= lm[0]
+    assert lm[1] * 2 <= lm[0]
 
 
 @pytest.mark.parametrize("role", ["teacher", "student"])
