@@ -24,5 +24,6 @@ def test_calibration_gain_runs_every_arm_and_prints_its_tables(tmp_path):
     assert "| (before calibration) | 0 |" in out
     assert "Where the gain comes from" in out and "| count_color |" in out
     assert "targeted - none (last iteration)" in out
-    assert "Self-improving teacher: its weakest skill" in out
+    assert "Self-improving teacher, per skill" in out and "| CQM-LEA | iter 1 |" in out
+    assert "Its weakest skill" in out
     assert (tmp_path / "out" / "calibration_gain.json").is_file()

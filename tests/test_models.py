@@ -156,3 +156,37 @@ def test_generation_splits_a_batch_that_runs_out_of_memory(caplog):
     loaded.model.generate = small_memory(0)
     with pytest.raises(ModelError, match="out of memory generating one request"):
         generate(loaded.model, loaded.processor, reqs, max_new_tokens=4, batch_size=8)
+
+
+def test_static_cache_gives_the_dynamic_cache_greedy_outputs(synth_root):
+    """The static KV cache (fixed shapes, prompts padded to a bucket) decodes greedily to
+    the same texts as the plain path, text-only and with images, in mixed-length batches."""
+    from mmdc.config import ModelConfig
+    from mmdc.models.load import load_configured
+    from mmdc.prompts import build_prompt
+
+    loaded = load_configured(ModelConfig(path="builtin:teacher", device="cpu", cache="static"))
+    assert loaded.cache == "static"
+    split = Split("test", synth_root, read_scienceqa(synth_root, "test")[:6])
+    reqs = [Request(build_prompt(inst, fmt), split.image(inst) if n % 2 else None)
+            for fmt in ("CQM-A", "CQM-LEA") for n, inst in enumerate(split.instances)]
+    plain = generate(loaded.model, loaded.processor, reqs, max_new_tokens=12, batch_size=4,
+                     progress=False)
+    static = loaded.generate(reqs, max_new_tokens=12, batch_size=4, progress=False, bucket=16)
+    assert static == plain and any(plain)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-7b"])
+def test_real_shapes_build_at_tiny_scale_and_generate(name):
+    """The real-shape builder (benchmarks/real_scale.py) makes a LLaVA of the named
+    family; scaled down, it runs through the project's own generate."""
+    from PIL import Image
+
+    from mmdc.models.shapes import SHAPES, build
+
+    model, processor = build(SHAPES[name], scale=64)
+    assert type(model).__name__.startswith(SHAPES[name].architecture)
+    reqs = [Request("Question: what is shown?", Image.new("RGB", (80, 60), "red")),
+            Request("Question: two plus two?", None)]
+    outs = generate(model, processor, reqs, max_new_tokens=3, progress=False)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)

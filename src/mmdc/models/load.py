@@ -61,6 +61,7 @@ class Loaded:
     model: object
     processor: object
     path: Path
+    cache: str = "dynamic"  # the KV cache generate uses (mmdc.generation.generate)
 
     name = "hf"
 
@@ -73,6 +74,7 @@ class Loaded:
         :func:`mmdc.generation.generate` for the keyword arguments)."""
         from mmdc.generation import generate
 
+        kwargs.setdefault("cache", self.cache)
         return generate(self.model, self.processor, requests, **kwargs)
 
 
@@ -153,6 +155,8 @@ def vocab_report(teacher_path: str, student_path: str) -> dict:
 
 def load_configured(mcfg, adapter: str | None = ...) -> Loaded:
     """Load the model a ``ModelConfig`` names; ``adapter`` overrides ``mcfg.adapter``."""
-    return load_model(mcfg.path, adapter=mcfg.adapter if adapter is ... else adapter,
-                      dtype=mcfg.dtype, device=mcfg.device,
-                      trust_remote_code=mcfg.trust_remote_code)
+    loaded = load_model(mcfg.path, adapter=mcfg.adapter if adapter is ... else adapter,
+                        dtype=mcfg.dtype, device=mcfg.device,
+                        trust_remote_code=mcfg.trust_remote_code)
+    loaded.cache = mcfg.cache
+    return loaded
