@@ -27,3 +27,24 @@ def test_calibration_gain_runs_every_arm_and_prints_its_tables(tmp_path):
     assert "Self-improving teacher, per skill" in out and "| CQM-LEA | iter 1 |" in out
     assert "Its weakest skill" in out
     assert (tmp_path / "out" / "calibration_gain.json").is_file()
+
+
+def test_real_scale_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/real_scale.py --tiny: every shape, both caches, generation and LoRA
+    training through the project's code, each figure beside its bound."""
+    import json
+
+    out = tmp_path / "real_scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "real_scale.py"), "--tiny", "--batches", "1",
+         "3", "--new-tokens", "4", "--train-steps", "4", "--train-batch", "2", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["shapes"]) == {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b"}
+    for r in results["shapes"].values():
+        assert {(g["cache"], g["batch"]) for g in r["generation"]} == {
+            (c, b) for c in ("dynamic", "static") for b in (1, 3)}
+        assert all(g["tokens_per_s"] > 0 and 0 < g["ratio"] for g in r["generation"])
+        assert r["training"]["tokens_per_s"] > 0 and 0 < r["training"]["mfu"]
+    assert "| llava-next-7b |" in proc.stdout and "| of bound |" in proc.stdout

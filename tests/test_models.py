@@ -190,3 +190,14 @@ def test_real_shapes_build_at_tiny_scale_and_generate(name):
             Request("Question: two plus two?", None)]
     outs = generate(model, processor, reqs, max_new_tokens=3, progress=False)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_real_shapes_have_the_published_parameter_counts():
+    """Built on the meta device (no memory): LLaVA-1.5-7B has 7.06B parameters, -13B
+    13.35B, as the published checkpoints."""
+    from mmdc.models.shapes import SHAPES, build
+
+    for name, want in (("llava-1.5-7b", 7.06e9), ("llava-1.5-13b", 13.35e9),
+                       ("llava-next-7b", 7.06e9)):
+        model, _ = build(SHAPES[name], device="meta")
+        assert abs(count_parameters(model) / want - 1) < 0.002, name

@@ -127,9 +127,10 @@ def _quiet_progress(desc: str):
 def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings: TrainConfig,
               logging_dir: str | Path | None = None, seed: int = 0, trainer_class=None,
               label: str | None = None, max_length_key: str = "train.max_length",
-              **trainer_kwargs):
+              callbacks: list | None = None, **trainer_kwargs):
     """Train ``model`` (already a PEFT model) on ``rows`` with TRL's SFTTrainer and save
-    the adapter to ``out_dir``. Returns the trainer's log history."""
+    the adapter to ``out_dir``. Returns the trainer's log history. ``callbacks``: more
+    ``TrainerCallback`` objects (a benchmark's step timer)."""
     import torch
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
@@ -173,15 +174,16 @@ def train_sft(model, processor, rows: list[dict], out_dir: str | Path, settings:
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     dataset = Dataset.from_list(rows)
     while True:
-        callbacks = [_non_finite_loss_guard(str(out_dir)), _failpoints(label or out_dir.name)]
+        own = [_non_finite_loss_guard(str(out_dir)), _failpoints(label or out_dir.name),
+               *(callbacks or [])]
         writer = None
         if distributed.is_main():  # one event file, written by rank 0
             writer = SummaryWriter(log_dir=str(
                 logging_dir or out_dir.with_name(out_dir.name + "-tensorboard")))
-            callbacks.insert(0, TensorBoardCallback(tb_writer=writer))
+            own.insert(0, TensorBoardCallback(tb_writer=writer))
         trainer = (trainer_class or SFTTrainer)(
             model=model, args=make_args(batch, accum), train_dataset=dataset,
-            processing_class=processor, callbacks=callbacks, **trainer_kwargs)
+            processing_class=processor, callbacks=own, **trainer_kwargs)
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         for noisy in (ProgressCallback, PrinterCallback):  # they print every log dict
