@@ -5,6 +5,7 @@ padding and length-sorted batches, one-at-a-time uses ``batch_size=1``. Prints
 instances/s, generated tokens/s, the ratio, and how many outputs are identical.
 
     python benchmarks/generation_throughput.py [--n 64] [--batch-size 64] [--task answer|write]
+        [--cache dynamic|static]
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def requests(task: str, n: int, data_root: str) -> list[Request]:
     return write_requests(insts)  # writing new instances about fresh images (generate)
 
 
-def timed(model, processor, reqs, batch_size, max_new_tokens):
+def timed(model, processor, reqs, batch_size, max_new_tokens, cache="dynamic"):
     start = time.perf_counter()
     outs = generate(model, processor, reqs, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, progress=False)
+                    batch_size=batch_size, progress=False, cache=cache)
     return outs, time.perf_counter() - start
 
 
@@ -57,22 +58,25 @@ def main() -> int:
     ap.add_argument("--task", choices=["answer", "write"], default="answer")
     ap.add_argument("--data-root", default="data/synthetic")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                    help="the KV cache (teacher.cache): static pads prompts to a bucket")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device="cpu")
     reqs = requests(args.task, args.n, args.data_root)
     tok = loaded.processor.tokenizer
-    timed(loaded.model, loaded.processor, reqs[:4], 4, 4)  # warm-up
+    timed(loaded.model, loaded.processor, reqs[:4], 4, 4, args.cache)  # warm-up
     rows = {}
     outs = {}
     for name, bs in (("one at a time", 1), (f"batched ({args.batch_size})", args.batch_size)):
-        outs[name], secs = timed(loaded.model, loaded.processor, reqs, bs, args.max_new_tokens)
+        outs[name], secs = timed(loaded.model, loaded.processor, reqs, bs, args.max_new_tokens,
+                                 args.cache)
         ntok = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outs[name])
         rows[name] = (secs, len(reqs) / secs, ntok / secs)
     (single, batched) = rows.values()
     same = sum(a == b for a, b in zip(*outs.values()))
     print(f"{args.model}, {len(reqs)} {args.task} requests, greedy, max_new_tokens "
-          f"{args.max_new_tokens}, {args.threads} CPU threads:\n")
+          f"{args.max_new_tokens}, {args.cache} cache, {args.threads} CPU threads:\n")
     print("| mode | seconds | instances/s | tokens/s |")
     print("|---|---:|---:|---:|")
     for name, (secs, ips, tps) in rows.items():
