@@ -31,50 +31,15 @@ def test_every_real_model_config_is_covered():
 
 def build_tiny(arch: str, folder: Path, hidden: int, layers: int) -> Path:
     """A tiny checkpoint of ``arch``: CLIP vision tower + Llama, as llava-hf ships them."""
-    import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
+    from mmdc.models.shapes import llava
 
-    from mmdc.toy.models import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=32, patch_size=8,
-                              projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    common = dict(vision_config=vision, text_config=text,
-                  image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
-                  vision_feature_select_strategy="default")
-    proc_common = dict(tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                       chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
-                       num_additional_image_tokens=1)
-    if arch == "LlavaForConditionalGeneration":
-        model = LlavaForConditionalGeneration(LlavaConfig(**common))
-        proc = LlavaProcessor(image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), **proc_common)
-    elif arch == "LlavaNextForConditionalGeneration":
-        model = LlavaNextForConditionalGeneration(
-            LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common))
-        proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-            image_grid_pinpoints=PINPOINTS), **proc_common)
-    else:  # pragma: no cover
-        raise AssertionError(arch)
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model, proc = llava(
+        arch.removesuffix("ForConditionalGeneration"),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, projection_dim=32),
+        text=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048),
+        image=32, patch=8, pinpoints=PINPOINTS)
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
