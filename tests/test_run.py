@@ -280,6 +280,12 @@ def test_self_improving_teacher_checks_itself_and_learns_its_rationales(tmp_path
     base = json.loads((run_dir / "baseline" / "metrics.json").read_text())
     metrics = json.loads((it / "metrics.json").read_text())
     assert {"student", "teacher", "teacher_rationales"} <= set(base) <= set(metrics)
+    # and the report says it in words
+    story = (run_dir / "report.md").read_text().split("## What happened")[1].split("##")[0]
+    rationales = metrics["teacher_rationales"]["columns"]["Avg"]["acc"]
+    assert (f"It learned {update['instances']} verified instances of its own, "
+            f"{update['with_rationale']} with a rationale.") in story
+    assert f"and {rationales:.2f} with rationales" in story
 
 
 def test_rationales_are_kept_only_when_they_reach_the_verified_answer():

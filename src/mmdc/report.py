@@ -50,12 +50,27 @@ def _generated_per_skill(report: dict, diag: dict | None) -> str:
     return ", ".join(f"{s} {n}" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _teacher_words(metrics: dict, before: dict | None, update: dict | None) -> str:
+    """The teacher's score; when it improves itself, what it learned and how its
+    rationales (the format it checks itself in) moved."""
+    letters = f"The teacher scored {_avg(metrics['teacher']):.2f}"
+    rationales = metrics.get("teacher_rationales")
+    if not rationales:
+        return letters + "."
+    learned = (f"It learned {update.get('instances', 0)} verified instances of its own, "
+               f"{update.get('with_rationale', 0)} with a rationale. " if update else "")
+    moved = _changes(before["skills"], rationales["skills"]) if before else ""
+    return (learned + letters + f" with letters and {_avg(rationales):.2f} with rationales"
+            + (f" ({moved})." if moved else "."))
+
+
 def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
     """In words: what the assessment found weak, what was generated and accepted for it,
     and how the student changed, per iteration."""
     lines = ["## What happened", ""]
     base = _read(run_dir / "baseline" / "metrics.json")
     prev = base["student"] if base else None
+    prev_rationales = (base or {}).get("teacher_rationales")
     if prev:
         lines.append(f"Before calibration the student scored {_avg(prev):.2f} "
                      "on the held-out test.")
@@ -93,7 +108,8 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
                                          " (no skill moved by 2 points or more)."))
         else:
             words.append(f"The student scored {acc:.2f}.")
-        words.append(f"The teacher scored {_avg(metrics['teacher']):.2f}.")
+        words.append(_teacher_words(metrics, prev_rationales, _read(it / "teacher_update.json")))
+        prev_rationales = metrics.get("teacher_rationales") or prev_rationales
         lines += [" ".join(words), ""]
         prev = student
     return lines
