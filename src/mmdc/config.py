@@ -50,7 +50,7 @@ class ModelConfig(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
     # the hf backend's KV cache: dynamic, or static (fixed shapes, compiled decoding on
-    # CUDA; slower on a CPU: 1.4x on the toy teacher). Greedy outputs are the same
+    # CUDA; no faster on a CPU). Greedy outputs are the same
     cache: Literal["dynamic", "static"] = "dynamic"
     # how the model generates: hf (in-process transformers), openai (any OpenAI-compatible
     # chat-completions server: vLLM, SGLang, TGI, `mmdc serve`, hosted APIs) or vllm
