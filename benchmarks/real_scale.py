@@ -99,6 +99,11 @@ def instances(n: int) -> list[tuple]:
     raise RuntimeError("not enough image questions")
 
 
+def requests(n: int) -> list[Request]:
+    """CQM-LEA prompts with their images, as the teacher answers them in the loop."""
+    return [Request(build_prompt(i, "CQM-LEA"), img) for i, img in instances(n)]
+
+
 def kv_bytes_per_token(model, dtype) -> int:
     cfg = model.config.text_config
     kv_dim = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
@@ -108,8 +113,7 @@ def kv_bytes_per_token(model, dtype) -> int:
 def bench_generation(model, processor, device, dtype, bounds, args) -> list[dict]:
     from mmdc.stages.lengths import LengthCounter
 
-    pairs = instances(max(args.batches))
-    reqs = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in pairs]
+    reqs = requests(max(args.batches))
     counter = LengthCounter(processor)
     prompt_len = sum(counter.prompt(r.prompt, r.image) for r in reqs) / len(reqs)
     p = parts(model)
@@ -149,8 +153,7 @@ def bench_vllm(model, processor, args) -> list[dict]:
     """The same requests through the project's vllm backend, from a saved checkpoint."""
     from mmdc.models.backends import VLLMBackend
 
-    pairs = instances(max(args.batches))
-    reqs = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in pairs]
+    reqs = requests(max(args.batches))
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as folder:
         model.save_pretrained(folder)

@@ -31,8 +31,8 @@ from mmdc.config import Config, save_resolved
 from mmdc.data.images import ImageCache, check_images
 from mmdc.data.load import load_split_collective, read_image_pool
 from mmdc.data.pool import ensure_dir
+from mmdc.models.load import load_configured
 from mmdc.report import write_report
-from mmdc.roles import load_role
 from mmdc.runstate import (  # noqa: F401 - changed_keys is part of this module's API
     RunState,
     changed_keys,
@@ -161,5 +161,5 @@ def export_student(run_dir: Path, out: Path) -> Path:
 
     cfg = load_config(run_dir / "config.yaml")
     adapter = final_student_adapter(run_dir)
-    loaded = load_role(cfg.student, str(adapter))
+    loaded = load_configured(cfg.student, str(adapter))
     return export_merged(loaded.model, loaded.processor, out)

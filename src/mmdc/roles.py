@@ -16,18 +16,17 @@ def loss_words(losses: list[float]) -> str:
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
 
 
-def evaluate_on(cfg: Config, generator, test, desc: str):
-    """``generator`` on the held-out test split with the eval settings; pass it inline, so
-    that it is released (this holds the last reference) before the next model loads."""
-    res = evaluate(generator, test, fmt=cfg.eval.prompt, batch_size=cfg.eval.batch_size,
-                   max_new_tokens=cfg.eval.max_new_tokens, limit=cfg.eval.limit, desc=desc)
+def evaluate_on(cfg: Config, generator, test, desc: str, fmt: str | None = None,
+                max_new_tokens: int | None = None):
+    """``generator`` on the held-out test split with the eval settings (``fmt`` and
+    ``max_new_tokens`` override the config's); pass it inline, so that it is released
+    (this holds the last reference) before the next model loads."""
+    res = evaluate(generator, test, fmt=fmt or cfg.eval.prompt, batch_size=cfg.eval.batch_size,
+                   max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens,
+                   limit=cfg.eval.limit, desc=desc)
     del generator
     gc.collect()
     return res
-
-
-def load_role(mcfg, adapter: str | None = None):
-    return load_configured(mcfg, adapter=adapter)
 
 
 def train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, out: Path,
@@ -40,7 +39,7 @@ def train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, o
     from mmdc.stages.align import apply_lora, train_sft
 
     set_seed(cfg.seed)  # LoRA init and data order must not depend on what ran before
-    loaded = load_role(mcfg)
+    loaded = load_configured(mcfg)
     model = loaded.model
     if start_adapter:
         model = load_adapter(model, start_adapter, is_trainable=True)
@@ -58,7 +57,7 @@ def teacher_backend(cfg: Config, teacher_adapter: str | None, run_dir: Path):
     from mmdc.models.backends import load_backend
 
     if cfg.teacher.backend == "hf":
-        return Sharded(load_role(cfg.teacher, teacher_adapter))
+        return Sharded(load_configured(cfg.teacher, teacher_adapter))
     return Sharded(load_backend(cfg.teacher, cache_dir=run_dir / "cache"))
 
 
@@ -66,7 +65,7 @@ def student_model(cfg: Config, adapter: str | None):
     """The student for generation (answers, probes, evaluation), sharded over the ranks."""
     from mmdc.distributed import Sharded
 
-    return Sharded(load_role(cfg.student, adapter))
+    return Sharded(load_configured(cfg.student, adapter))
 
 
 def referee(cfg: Config, teacher_adapter: str | None, run_dir: Path):
@@ -84,6 +83,6 @@ def referee(cfg: Config, teacher_adapter: str | None, run_dir: Path):
         else:
             from mmdc.distributed import Sharded
 
-            judge = Sharded(load_role(ModelConfig(path=a.judge)))
+            judge = Sharded(load_configured(ModelConfig(path=a.judge)))
         return JudgeReferee(judge, a.judge_threshold, a.judge_retries)
     return AnswerAgreement()

@@ -17,10 +17,9 @@ from mmdc.config import Config
 from mmdc.data.images import ImageCache
 from mmdc.data.pool import read_jsonl, read_pool, write_json, write_jsonl, write_pool
 from mmdc.data.record import Instance
-from mmdc.evaluation import evaluate
+from mmdc.models.load import load_configured
 from mmdc.roles import (
     evaluate_on,
-    load_role,
     loss_words,
     referee,
     student_model,
@@ -249,10 +248,10 @@ def step_teacher_update(loop: Loop, k: int) -> str:
     losses: list[float] = []
     if instances:
         losses = train_role(cfg, cfg.teacher, update_rows(kept, instances, images),
-                            loop.teacher_adapter,
-                             it / "teacher_adapter", loop.run_dir / "tensorboard" / f"teacher-{k}",
-                             cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
-                             max_length_key="loop.teacher_train.max_length")
+                            loop.teacher_adapter, it / "teacher_adapter",
+                            loop.run_dir / "tensorboard" / f"teacher-{k}",
+                            cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
+                            max_length_key="loop.teacher_train.max_length")
     if loop.main:
         write_json(it / "teacher_update.json", {**counts, "losses": losses})
     if not instances:
@@ -306,13 +305,13 @@ def step_imitate(loop: Loop, k: int) -> str:
     if cfg.imitate.kd != "none":
         im = cfg.imitate
         kd = dict(trainer_class=kd_trainer_class(),
-                  teacher_model=load_role(cfg.teacher, loop.teacher_adapter).model,
+                  teacher_model=load_configured(cfg.teacher, loop.teacher_adapter).model,
                   beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
                   weight=im.kd_weight)
     losses = train_role(cfg, cfg.student, rows, start, it / "student_adapter",
-                         loop.run_dir / "tensorboard" / f"imitate-{k}", cfg.imitate.train,
-                         label=f"iter_{k}/imitate", max_length_key="imitate.train.max_length",
-                         **kd)
+                        loop.run_dir / "tensorboard" / f"imitate-{k}", cfg.imitate.train,
+                        label=f"iter_{k}/imitate", max_length_key="imitate.train.max_length",
+                        **kd)
     del kd
     gc.collect()
     if loop.main:
@@ -331,17 +330,15 @@ def _teacher_metrics(loop: Loop, k: int | None, where: str) -> dict:
     (CQM-LEA): where it improves. ``k`` None: the teacher as given."""
     cfg = loop.cfg
     step = "baseline" if k is None else f"iter_{k}/evaluate"
-    teacher = _journaled(teacher_backend(cfg, loop.teacher_adapter if k else None, loop.run_dir),
-                         loop.run_dir, step, "teacher-rationales")
-    res = evaluate(teacher, loop.test, fmt="CQM-LEA", batch_size=cfg.eval.batch_size,
-                   max_new_tokens=cfg.generate.max_new_tokens, limit=cfg.eval.limit,
-                   desc=f"{where}: eval teacher rationales")
-    del teacher
-    gc.collect()
+    res = evaluate_on(cfg, _journaled(teacher_backend(cfg, loop.teacher_adapter if k else None,
+                                                      loop.run_dir),
+                                      loop.run_dir, step, "teacher-rationales"),
+                      loop.test, f"{where}: eval teacher rationales", fmt="CQM-LEA",
+                      max_new_tokens=cfg.generate.max_new_tokens)
     out = {"teacher_rationales": {"columns": res.columns, "skills": res.skills}}
     if k is None:  # the teacher as given, in the eval format too
         base = evaluate_on(cfg, teacher_backend(cfg, None, loop.run_dir), loop.test,
-                         "baseline: eval teacher")
+                           "baseline: eval teacher")
         out["teacher"] = {"columns": base.columns, "skills": base.skills}
     return out
 
@@ -353,7 +350,7 @@ def step_evaluate(loop: Loop, k: int) -> str:
     metrics = {}
     for role in ("teacher", "student"):
         res = evaluate_on(cfg, loop.teacher(step) if role == "teacher" else loop.student(step),
-                        loop.test, f"iter {k}: eval {role}")
+                          loop.test, f"iter {k}: eval {role}")
         if loop.main:
             res.save(it, f"{role}_test")
         metrics[role] = {"columns": res.columns, "skills": res.skills}
