@@ -48,3 +48,21 @@ def test_real_scale_runs_tiny_on_cpu(tmp_path):
         assert all(g["tokens_per_s"] > 0 and 0 < g["ratio"] for g in r["generation"])
         assert r["training"]["tokens_per_s"] > 0 and 0 < r["training"]["mfu"]
     assert "| llava-next-7b |" in proc.stdout and "| of bound |" in proc.stdout
+
+
+def test_imitation_ceiling_trains_on_oracle_instances_and_prints_per_skill(tmp_path):
+    """benchmarks/imitation_ceiling.py: one imitation step per N, oracle labels, a row
+    per N with every skill of the test split."""
+    overrides = [*small_data_overrides(tmp_path / "data"), "imitate.train.max_steps=2",
+                 "imitate.train.batch_size=4"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "imitation_ceiling.py"), "--skill",
+         "spatial", "--n", "0", "5", "--weight", "1", "2", *overrides],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| 0 |") or
+            ln.startswith("| 5 |")]
+    assert len(rows) == 2
+    # 24 seed rows; plus 5 new spatial instances twice
+    assert rows[0].startswith("| 0 | 1 | 24 |") and rows[1].startswith("| 5 | 2 | 34 |")
+    assert "| N | repeats | rows |" in proc.stdout and " spatial |" in proc.stdout

@@ -160,3 +160,60 @@ def test_challenge_by_kind_keeps_a_guessing_students_both_answers():
     # the same seed skill written in the other mode is another kind
     other = [inst(0, "count", "rarer")]
     assert mastered_kinds(other, [False], 0.9) == [False]
+
+
+def test_kinds_follow_the_lecture_the_teacher_wrote_when_it_is_shared():
+    """Instances written for one seed skill can be questions of another (the image could
+    not carry the seed's skill): a shared lecture says which skill each one exercises, so
+    the student's mastery of the others does not hide the one it has not learnt."""
+    from mmdc.stages.generate import kinds_of, mastered_kinds
+
+    def inst(n, seed_skill, lecture):
+        return Instance(id=f"g{n}", question="q", choices=["a", "b"], answer=0,
+                        lecture=lecture, skill=seed_skill,
+                        meta={"seed_skill": seed_skill, "mode": "same"})
+
+    compare, shape = "To compare two amounts, count each.", "Squares have four corners."
+    # written for compare seeds: 3 compare questions the student misses, 27 shape
+    # questions it knows
+    insts = ([inst(n, "compare", compare) for n in range(3)]
+             + [inst(n, "compare", shape) for n in range(3, 30)])
+    agrees = [False] * 3 + [True] * 27
+    assert sum(agrees) / len(agrees) == 0.9  # by request: all 30 "mastered"
+    mastered = mastered_kinds(insts, agrees, 0.9)
+    assert mastered == [False] * 3 + [True] * 27
+    assert kinds_of(insts)[0] == ("lecture", compare)
+    # a lecture shared by fewer than 3 (a free-form one) falls back to the request's kind
+    lone = [inst(0, "magnets", "one"), inst(1, "magnets", "two")]
+    assert kinds_of(lone) == [("magnets", "same")] * 2
+
+
+def test_similar_pairing_writes_a_magnet_seed_on_a_magnet_image():
+    """generate.pair_images=similar: a seed's new instance goes on one of the free pool
+    images that look most like the seed's own in the (frozen) vision tower, so that the
+    image can carry the seed's skill; any free image otherwise."""
+    from mmdc.models.load import load_model
+    from mmdc.stages.generate import embed_images, rank_by_similarity
+    from mmdc.toy import world
+
+    rng = random.Random(0)
+    scenes = {f"pool/o{i}.png": world.random_object_scene(rng, 1, 5) for i in range(24)}
+    scenes.update({f"pool/m{i}.png": world.random_magnet_scene(rng) for i in range(8)})
+    scenes["seed/m.png"] = world.random_magnet_scene(rng)
+    loaded = load_model("builtin:student", device="cpu")
+    paths = list(scenes)
+    vectors = dict(zip(paths, embed_images(loaded.model, loaded.processor,
+                                           [world.draw_scene(scenes[p]) for p in paths],
+                                           batch_size=8), strict=True))
+    assert rank_by_similarity(vectors, "seed/m.png", ["pool/o0.png", "pool/m0.png"])[0] \
+        == "pool/m0.png"
+    pool = [p for p in paths if p.startswith("pool/")]
+    seed = _inst(0, image="seed/m.png", skill="magnets")
+    near = lambda image, free: rank_by_similarity(vectors, image, free)  # noqa: E731
+    seeds = select_seeds([seed], [], 4, pool, random.Random(1), near=near)
+    # each from the nearest tenth of the free images (3 of 32): 8 magnet images, 4 seeds
+    assert len({s.image for s in seeds}) == 4
+    assert all(s.image.startswith("pool/m") for s in seeds)
+    blind = select_seeds([seed], [], 4, pool, random.Random(1))
+    assert len({s.image for s in blind}) == 4
+    assert sum(s.image.startswith("pool/m") for s in blind) < 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mmdc.config import Config
@@ -48,6 +49,7 @@ class Loop:
     teacher_adapter: str | None = None
     generated: list[Instance] = field(default_factory=list)
     used_images: set[str] = field(default_factory=set)
+    image_vectors: dict = field(default_factory=dict)  # image path -> vision-tower vector
 
     @property
     def pool(self) -> list[Instance]:
@@ -164,6 +166,24 @@ def _free_images(loop: Loop) -> list[str]:
     return [p for p in loop.pool_images if p not in loop.used_images]
 
 
+def _near(loop: Loop, seeds_from: list[Instance]):
+    """``select_seeds``' image ranking (``generate.pair_images=similar``): the free pool
+    images and the seeds' images embedded once by the student's vision tower."""
+    from mmdc.stages.generate import embed_images, rank_by_similarity
+
+    if loop.cfg.generate.pair_images == "random":
+        return None
+    paths = _free_images(loop) + [i.image for i in seeds_from if i.image]
+    need = [p for p in dict.fromkeys(paths) if p not in loop.image_vectors]
+    if need:
+        loaded = load_configured(loop.cfg.student)
+        loop.image_vectors.update(zip(need, embed_images(
+            loaded.model, loaded.processor, [loop.images(p) for p in need]), strict=True))
+        del loaded
+        gc.collect()
+    return partial(rank_by_similarity, loop.image_vectors)
+
+
 def step_generate(loop: Loop, k: int) -> str:
     """The teacher writes, verifies and filters new instances: seeded from the probes the
     assessment marked hard and easy (targeted), or from random pool instances (random)."""
@@ -182,7 +202,7 @@ def step_generate(loop: Loop, k: int) -> str:
             # student (no challenge filter either): Lion without its referee
             hard, easy = list(loop.pool), []
         seeds = select_seeds(hard, easy, cfg.generate.per_iteration, _free_images(loop), rng,
-                             cfg.generate.hard_share)
+                             cfg.generate.hard_share, near=_near(loop, hard + easy))
         accepted, rejected, report = _write_generation(
             loop, k, "generate", seeds,
             challenge=cfg.generate.challenge and cfg.loop.strategy == "targeted")
@@ -213,7 +233,8 @@ def step_teacher_generate(loop: Loop, k: int) -> str:
     accepted, rejected, report = [], [], None
     if weak and cfg.loop.teacher_seeds:
         seeds = select_seeds(weak, [], cfg.loop.teacher_seeds, _free_images(loop),
-                             random.Random(f"{cfg.seed}-teacher-generate-{k}"))
+                             random.Random(f"{cfg.seed}-teacher-generate-{k}"),
+                             near=_near(loop, weak))
         accepted, rejected, report = _write_generation(loop, k, "teacher_generate", seeds,
                                                        challenge=False)
     if loop.main:

@@ -38,12 +38,18 @@ class Seed:
 
 
 def select_seeds(hard: list[Instance], easy: list[Instance], n: int, pool_images: list[str],
-                 rng: random.Random, hard_share: float = 0.5) -> list[Seed]:
+                 rng: random.Random, hard_share: float = 0.5, near=None,
+                 nearest: float = 0.1) -> list[Seed]:
     """Pick ``n`` seeds, ``hard_share`` of them hard, each image seed paired with a distinct
     unused pool image. Seeds are drawn with replacement: a hard instance seeds several new
     ones, each on its own image, so that a few hard probes still fill the hard share (the
     assessment of a good student finds few). With no easy instances every seed is hard,
-    and the other way round."""
+    and the other way round. ``near(seed_image, free_images)``, when given, ranks the free
+    images by how alike they look to the seed's image (:func:`rank_by_similarity`), and
+    the image is drawn from the ``nearest`` share of them; otherwise any free image. The
+    share is wide on purpose: the few nearest images repeat the seed's own answer (a hard
+    probe's magnets that attract are nearest to magnets that attract), and new instances
+    that all share their seeds' answers teach the student a bias."""
     n_hard = round(n * hard_share) if easy else n
     n_hard = n_hard if hard else 0
     n_easy = n - n_hard if easy else 0
@@ -57,9 +63,40 @@ def select_seeds(hard: list[Instance], easy: list[Instance], n: int, pool_images
         if inst.image is not None:
             if not free:
                 continue  # the pool is used up
-            image = free.pop()
+            if near is None:
+                image = free.pop()
+            else:
+                image = rng.choice(near(inst.image, free)[:max(1, round(nearest * len(free)))])
+                free.remove(image)
         seeds.append(Seed(inst, mode, image))
     return seeds
+
+
+def embed_images(model, processor, images: list, batch_size: int = 64):
+    """Unit vectors of images in the model's vision tower (its last hidden states, averaged
+    over the patches): the tower is frozen in LLaVA's recipe and shared by a 7B and a 13B."""
+    import torch
+
+    tower = model.model.vision_tower
+    param = next(tower.parameters())
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor.image_processor(images[start:start + batch_size],
+                                           return_tensors="pt")["pixel_values"]
+        if pixels.dim() == 5:  # LLaVA-NeXT: tiles of each image, the whole image first
+            pixels = pixels[:, 0]
+        with torch.no_grad():
+            hidden = tower(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
+        out.append(torch.nn.functional.normalize(hidden.float().mean(1), dim=-1).cpu())
+    return list(torch.cat(out)) if out else []
+
+
+def rank_by_similarity(vectors: dict, seed_image: str, free: list[str]) -> list[str]:
+    """``free`` images, the most alike to ``seed_image`` first (cosine of ``vectors``)."""
+    import torch
+
+    sims = torch.stack([vectors[p] for p in free]) @ vectors[seed_image]
+    return [free[i] for i in sims.argsort(descending=True, stable=True).tolist()]
 
 
 def write_prompt(seed: Seed) -> str:
@@ -122,16 +159,31 @@ def kind_of(inst: Instance) -> tuple[str, str]:
     return inst.meta.get("seed_skill", inst.skill), inst.meta.get("mode", "same")
 
 
+def kinds_of(instances: list[Instance], shared: int = 3) -> list[tuple[str, str]]:
+    """Each instance's kind: the lecture the teacher wrote with it, where at least
+    ``shared`` instances carry that same lecture (a ScienceQA lecture belongs to a skill,
+    so it says which skill the instance exercises), otherwise the kind of request it was
+    written for. The request alone mixes skills: a pool image that cannot carry the seed's
+    skill gets a question of another, and on the built-in task 5 of 18 instances written
+    for compare seeds were compare questions, the rest colour, shape and count questions
+    the student knew, so the group counted as mastered and compare was not taught again."""
+    lectures = Counter(i.lecture.strip() for i in instances if i.lecture and i.lecture.strip())
+    return [("lecture", i.lecture.strip()) if i.lecture and lectures[i.lecture.strip()] >= shared
+            else kind_of(i) for i in instances]
+
+
 def mastered_kinds(instances: list[Instance], agrees: list[bool], mastery: float) -> list[bool]:
-    """The challenge filter by kind: every instance of a kind the student answers like the
-    teacher on at least ``mastery`` of its instances counts as not challenging, every other
-    instance as challenging. Judged one by one, a student that guesses between two answers
-    keeps only the instances it guessed wrong, and learns the other answer's bias."""
+    """The challenge filter by kind (:func:`kinds_of`): every instance of a kind the student
+    answers like the teacher on at least ``mastery`` of its instances counts as not
+    challenging, every other instance as challenging. Judged one by one, a student that
+    guesses between two answers keeps only the instances it guessed wrong, and learns the
+    other answer's bias."""
+    kinds = kinds_of(instances)
     by_kind: dict[tuple[str, str], list[bool]] = {}
-    for inst, agree in zip(instances, agrees, strict=True):
-        by_kind.setdefault(kind_of(inst), []).append(agree)
+    for kind, agree in zip(kinds, agrees, strict=True):
+        by_kind.setdefault(kind, []).append(agree)
     rate = {k: sum(v) / len(v) for k, v in by_kind.items()}
-    return [rate[kind_of(inst)] >= mastery for inst in instances]
+    return [rate[kind] >= mastery for kind in kinds]
 
 
 @dataclass
