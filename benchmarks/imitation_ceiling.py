@@ -23,13 +23,11 @@ import time
 from pathlib import Path
 
 
-def ceiling(cfg, skill: str, n: int, weight: int, work: Path) -> dict:
-    from mmdc.data.load import load_split
+def ceiling(cfg, seed_split, test, skill: str, n: int, weight: int, work: Path) -> dict:
     from mmdc.roles import evaluate_on, student_model, train_role
     from mmdc.stages.align import sft_rows
     from mmdc.toy import world
 
-    seed_split = load_split(cfg.data, cfg.data.seed_split)
     rng = random.Random(f"imitation-ceiling-{skill}-{cfg.seed}")
     new = [world.make_instance(skill, rng, f"oracle-{skill}-{i}", "oracle") for i in range(n)]
     rows = []
@@ -41,7 +39,6 @@ def ceiling(cfg, skill: str, n: int, weight: int, work: Path) -> dict:
     out = work / f"{skill}-{n}-{weight}"
     losses = train_role(cfg, cfg.student, rows, None, out / "adapter", out / "logs",
                         cfg.imitate.train, label=f"imitate {n} x {weight}")
-    test = load_split(cfg.data, cfg.data.test_split)
     res = evaluate_on(cfg, student_model(cfg, str(out / "adapter")), test, "eval student")
     return {"n": n, "weight": weight, "rows": len(rows), "train_s": round(time.time() - start),
             "loss": (losses[0], losses[-1]) if losses else None,
@@ -69,8 +66,13 @@ def main() -> int:
     weights = args.weight or [cfg.imitate.generated_weight] * len(args.n)
     if len(weights) != len(args.n):
         ap.error("--weight: one value per --n")
+    from mmdc.data.load import load_split
+
+    seed_split = load_split(cfg.data, cfg.data.seed_split)
+    test = load_split(cfg.data, cfg.data.test_split)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [ceiling(cfg, args.skill, n, w, Path(tmp)) for n, w in zip(args.n, weights)]
+        results = [ceiling(cfg, seed_split, test, args.skill, n, w, Path(tmp))
+                   for n, w in zip(args.n, weights, strict=True)]
     skills = list(results[0]["skills"])
     print(f"Student after one imitation step ({cfg.imitate.train.max_steps} steps, lr "
           f"{cfg.imitate.train.learning_rate:g}, LoRA r {cfg.align.lora.r}) on the seed split "

@@ -167,9 +167,10 @@ def kinds_of(instances: list[Instance], shared: int = 3) -> list[tuple[str, str]
     skill gets a question of another, and on the built-in task 5 of 18 instances written
     for compare seeds were compare questions, the rest colour, shape and count questions
     the student knew, so the group counted as mastered and compare was not taught again."""
-    lectures = Counter(i.lecture.strip() for i in instances if i.lecture and i.lecture.strip())
-    return [("lecture", i.lecture.strip()) if i.lecture and lectures[i.lecture.strip()] >= shared
-            else kind_of(i) for i in instances]
+    lectures = [(i.lecture or "").strip() for i in instances]
+    count = Counter(lec for lec in lectures if lec)
+    return [("lecture", lec) if lec and count[lec] >= shared else kind_of(i)
+            for i, lec in zip(instances, lectures, strict=True)]
 
 
 def mastered_kinds(instances: list[Instance], agrees: list[bool], mastery: float) -> list[bool]:
