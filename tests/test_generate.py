@@ -47,6 +47,9 @@ def test_parse_instance_keeps_provenance():
     inst = parse_instance(written, seed, "gen-1-0", iteration=1)
     assert inst.image == "images/pool/7.png" and inst.skill == "count"
     assert inst.source == "teacher" and inst.iteration == 1 and inst.meta["seed_id"] == "s1"
+    assert inst.context == ""
+    hinted = parse_instance("Context: The top is north.\n" + written, seed, "gen-1-3", 1)
+    assert hinted.context == "The top is north."
     rarer = parse_instance(written, Seed(_inst("s2"), "rarer", None), "gen-1-1", 1)
     assert rarer.skill == "" and rarer.meta["seed_skill"] == "count"
     with pytest.raises(ValueError):

@@ -44,8 +44,17 @@ def test_parse_answer(text, expected):
 def test_written_round_trip():
     inst = _inst()
     parsed = parse_written(format_written(inst))
-    assert parsed == {"question": "How many?", "choices": ["1", "2", "3"], "answer": 1,
-                      "lecture": "Count.", "solution": "There are 2."}
+    assert parsed == {"context": "", "question": "How many?", "choices": ["1", "2", "3"],
+                      "answer": 1, "lecture": "Count.", "solution": "There are 2."}
+
+
+def test_written_layout_carries_the_context_first():
+    inst = _inst(context="The north pole is red.")
+    text = format_written(inst)
+    assert text.splitlines()[0] == "Context: The north pole is red."
+    assert parse_written(text)["context"] == "The north pole is red."
+    # a teacher that writes the prompts' placeholder means no context
+    assert parse_written("Context: N/A\n" + format_written(_inst()))["context"] == ""
 
 
 @pytest.mark.parametrize("text,reason", [

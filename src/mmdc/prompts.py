@@ -88,9 +88,17 @@ def build_write_prompt(seed: Instance, mode: str = "same") -> str:
     return f"Seed question: {seed.question}\n{instruction}"
 
 
+# The version of the written layout; the toy teacher's manifest records it, so a teacher
+# trained on an older layout is rebuilt (2: the context line).
+WRITTEN_LAYOUT = 2
+
+
 def format_written(inst: Instance) -> str:
-    """The layout in which the teacher writes an instance."""
-    lines = [f"Question: {inst.question}", f"Options: {format_options(inst.choices)}",
+    """The layout in which the teacher writes an instance: its context first when it has
+    one (as the task's prompts put it: a hint such as which colour is the north pole),
+    so that new instances can carry contexts like the questions the student is tested on."""
+    lines = [f"Context: {inst.context.strip()}"] if inst.context.strip() else []
+    lines += [f"Question: {inst.question}", f"Options: {format_options(inst.choices)}",
              f"Answer: {inst.answer_letter}"]
     if inst.lecture:
         lines.append(f"Lecture: {inst.lecture}")
@@ -105,13 +113,13 @@ _OPTION = re.compile(r"\(([A-Z])\)\s*")
 def parse_written(text: str) -> dict:
     """Parse a teacher-written instance into record fields.
 
-    Returns a dict with question, choices, answer, lecture, solution. Raises
+    Returns a dict with context, question, choices, answer, lecture, solution. Raises
     ``ValueError`` with a short reason on malformed output."""
     fields: dict[str, str] = {}
     for line in text.strip().splitlines():
         key, sep, value = line.partition(":")
         key = key.strip().lower()
-        if sep and key in ("question", "options", "answer", "lecture", "solution"):
+        if sep and key in ("context", "question", "options", "answer", "lecture", "solution"):
             if key in fields:
                 raise ValueError(f"duplicate field {key!r}")
             fields[key] = value.strip()
@@ -130,7 +138,8 @@ def parse_written(text: str) -> dict:
     answer = fields["answer"].strip().rstrip(".")
     if answer not in letters:
         raise ValueError(f"answer {answer!r} is not one of the option letters")
+    context = fields.get("context", "")
     return {
-        "question": fields["question"], "choices": choices, "answer": letters.index(answer),
+        "context": "" if context == "N/A" else context, "question": fields["question"], "choices": choices, "answer": letters.index(answer),
         "lecture": fields.get("lecture", ""), "solution": fields.get("solution", ""),
     }

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mmdc.data.pool import write_json
+from mmdc.prompts import WRITTEN_LAYOUT
 from mmdc.toy import models, recipe, vision
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,13 @@ def expected_vision_manifest(seed: int = 0, vision_recipe: vision.VisionRecipe |
 def expected_manifest(role: str, tokenizer, tower_dir: Path, seed: int = 0,
                       role_recipe: recipe.Recipe | None = None) -> dict:
     spec, default_recipe = ROLES[role]
-    return {"role": role, "seed": seed, "spec": asdict(spec),
-            "recipe": asdict(role_recipe or default_recipe),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "vision": file_fingerprint(Path(tower_dir) / "model.safetensors")}
+    the_recipe = role_recipe or default_recipe
+    manifest = {"role": role, "seed": seed, "spec": asdict(spec), "recipe": asdict(the_recipe),
+                "tokenizer": tokenizer_fingerprint(tokenizer),
+                "vision": file_fingerprint(Path(tower_dir) / "model.safetensors")}
+    if any("write" in stage.formats for stage in the_recipe.stages):
+        manifest["written_layout"] = WRITTEN_LAYOUT  # a role that learns to write instances
+    return manifest
 
 
 def _matches(folder: Path, want: dict) -> bool:

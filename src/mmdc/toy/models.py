@@ -11,7 +11,7 @@ same way it reads ``llava-hf/llava-1.5-7b-hf``.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -92,7 +92,10 @@ def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
                 f"USER: {build_prompt(inst, 'CQM-A')} ASSISTANT: {build_target(inst, 'CQM-A')}",
                 f"USER: {build_prompt(inst, 'CQM-LEA')} ASSISTANT: "
                 f"{build_target(inst, 'CQM-LEA')}",
-                f"USER: {build_write_prompt(inst, 'same')} ASSISTANT: {format_written(inst)}",
+                # the written layout without its context line (the contexts are in the
+                # prompts above): the vocabulary, and the student built on it, predate it
+                f"USER: {build_write_prompt(inst, 'same')} ASSISTANT: "
+                f"{format_written(replace(inst, context=''))}",
                 f"USER: {build_write_prompt(inst, 'rarer')}",
             ]
     return texts
