@@ -220,3 +220,40 @@ def test_similar_pairing_writes_a_magnet_seed_on_a_magnet_image():
     blind = select_seeds([seed], [], 4, pool, random.Random(1))
     assert len({s.image for s in blind}) == 4
     assert sum(s.image.startswith("pool/m") for s in blind) < 4
+
+
+def test_a_generated_instance_takes_the_skill_its_lecture_belongs_to():
+    """An image that cannot carry the seed's skill gets a question of another; the
+    lecture the teacher wrote says which (counted so in the generation report)."""
+    from mmdc.stages.generate import generate_instances, lecture_skills
+
+    magnets = Instance(id="m", question="Attract or repel?", choices=["attract", "repel"],
+                       answer=0, skill="magnets", lecture="Opposite poles attract.")
+    shared = Instance(id="x", question="q", choices=["a", "b"], answer=0, skill="color",
+                      lecture="One lecture for two skills.")
+    known = lecture_skills([magnets, shared, Instance(
+        id="y", question="q", choices=["a", "b"], answer=0, skill="shape",
+        lecture="One lecture for two skills."), Instance(
+        id="g", question="q", choices=["a", "b"], answer=0, skill="count",
+        lecture="Written.", split="generated")])
+    assert known == {"Opposite poles attract.": "magnets"}
+
+    def teacher(requests, **kw):
+        if requests[0].prompt.startswith("Seed question"):
+            out = []
+            for i, lecture in enumerate(["Opposite poles attract.", "A new lecture."]):
+                inst = _inst(f"w{i}", image=None, question=f"Question number {i}?")
+                inst.lecture = lecture
+                out.append(format_written(inst))
+            return out
+        return ["The answer is A."] * len(requests)
+
+    seeds = [Seed(_inst(f"s{i}", skill="spatial"), "same", None) for i in range(2)]
+    nobody = SimpleNamespace(generate=teacher)
+    accepted, _, report = generate_instances(nobody, nobody, seeds, lambda rel: None,
+                                             existing=[magnets], iteration=1, k=2,
+                                             challenge=False)
+    assert [i.skill for i in accepted] == ["magnets", "spatial"]  # unknown lecture: the seed's
+    assert report.to_dict()["per_skill"] == {"magnets": {"accepted": 1},
+                                            "spatial": {"accepted": 1}}
+    assert accepted[0].meta["seed_skill"] == "spatial"

@@ -154,6 +154,17 @@ def majority(choices: list[int | None]) -> tuple[int | None, float]:
     return value, count / len(choices)
 
 
+def lecture_skills(instances: list[Instance]) -> dict[str, str]:
+    """Lecture -> skill, from the labelled (not generated) instances whose lecture belongs
+    to one skill only: a ScienceQA lecture says which skill a question exercises."""
+    seen: dict[str, set[str]] = {}
+    for inst in instances:
+        lecture = (inst.lecture or "").strip()
+        if lecture and inst.skill and inst.split != "generated":
+            seen.setdefault(lecture, set()).add(inst.skill)
+    return {lecture: next(iter(s)) for lecture, s in seen.items() if len(s) == 1}
+
+
 def kind_of(inst: Instance) -> tuple[str, str]:
     """The kind of request an instance was written for: its seed's skill and the mode."""
     return inst.meta.get("seed_skill", inst.skill), inst.meta.get("mode", "same")
@@ -227,6 +238,7 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                              desc=f"iter {iteration}: teacher writes")
     rejected: list[dict] = []
     dup = DuplicateFilter(existing, rouge_threshold)
+    skill_of_lecture = lecture_skills(existing)
     candidates: list[tuple[Instance, object]] = []
     for n, (s, text, img) in enumerate(zip(seeds, texts, images)):
         iid = f"gen-{iteration}-{n:05d}"
@@ -238,6 +250,9 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
             rejected.append({"id": iid, "reason": "malformed", "detail": str(exc), "text": text,
                              "seed_id": s.instance.id})
             continue
+        # the skill the question exercises, known from its lecture, not the seed's (an
+        # image that cannot carry the seed's skill gets a question of another)
+        inst.skill = skill_of_lecture.get(inst.lecture.strip(), inst.skill)
         if dup.is_duplicate(inst):
             report.dropped["duplicate"] += 1
             report.count(inst.skill, "duplicate")
