@@ -97,7 +97,8 @@ def format_written(inst: Instance) -> str:
     """The layout in which the teacher writes an instance: its context first when it has
     one (as the task's prompts put it: a hint such as which colour is the north pole),
     so that new instances can carry contexts like the questions the student is tested on."""
-    lines = [f"Context: {inst.context.strip()}"] if inst.context.strip() else []
+    context = inst.context.strip()
+    lines = [f"Context: {context}"] if context else []
     lines += [f"Question: {inst.question}", f"Options: {format_options(inst.choices)}",
              f"Answer: {inst.answer_letter}"]
     if inst.lecture:
@@ -140,6 +141,7 @@ def parse_written(text: str) -> dict:
         raise ValueError(f"answer {answer!r} is not one of the option letters")
     context = fields.get("context", "")
     return {
-        "context": "" if context == "N/A" else context, "question": fields["question"], "choices": choices, "answer": letters.index(answer),
+        "context": "" if context == "N/A" else context, "question": fields["question"],
+        "choices": choices, "answer": letters.index(answer),
         "lecture": fields.get("lecture", ""), "solution": fields.get("solution", ""),
     }

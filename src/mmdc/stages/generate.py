@@ -109,7 +109,8 @@ def parse_instance(text: str, seed: Seed, iid: str, iteration: int) -> Instance:
     src = seed.instance
     inst = Instance(
         id=iid, question=fields["question"], choices=fields["choices"], answer=fields["answer"],
-        image=seed.image, context=fields["context"], lecture=fields["lecture"], solution=fields["solution"],
+        image=seed.image, context=fields["context"], lecture=fields["lecture"],
+        solution=fields["solution"],
         subject=src.subject, grade=src.grade if seed.mode == "same" else None,
         topic=src.topic if seed.mode == "same" else "",
         skill=src.skill if seed.mode == "same" else "", split="generated", source="teacher",
