@@ -314,6 +314,31 @@ def test_rationales_are_kept_only_when_they_reach_the_verified_answer():
     assert [f["unreliable"] for f in flags] == [False, True]
 
 
+def test_a_rationale_that_argues_for_another_option_is_not_kept():
+    from types import SimpleNamespace
+
+    from mmdc.data.record import Instance
+    from mmdc.stages.improve import sample_rationales
+
+    inst = Instance(id="q", question="Attract or repel?", choices=["attract", "repel"],
+                    answer=0, skill="magnets")
+    outs = ["Like poles repel. The answer is A.",  # right letter, reasoning for B
+            "Opposite poles attract. The answer is A.",  # kept
+            "Like poles repel. The answer is B."]
+    teacher = SimpleNamespace(generate=lambda reqs, **kw: list(outs))
+    kept, counts = sample_rationales(teacher, [inst], [None], k=3, temperature=0.7,
+                                     max_new_tokens=8, batch_size=3, seed=0, desc="t")
+    assert [t for _, _, t in kept] == ["Opposite poles attract. The answer is A."]
+    outs[1] = "Like poles repel, so they attract. The answer is A."  # names both: kept
+    kept, _ = sample_rationales(teacher, [inst], [None], k=3, temperature=0.7,
+                                max_new_tokens=8, batch_size=3, seed=0, desc="t")
+    assert [t for _, _, t in kept] == [outs[1]]
+    outs[1] = outs[0]  # no rationale reaches A for a reason of its own: none to learn
+    kept, counts = sample_rationales(teacher, [inst], [None], k=3, temperature=0.7,
+                                     max_new_tokens=8, batch_size=3, seed=0, desc="t")
+    assert kept == [] and counts["none"] == 1
+
+
 def test_token_level_kd_trains(tmp_path):
     run_dir = tmp_path / "run"
     args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,

@@ -9,8 +9,11 @@ reach the right answer).
 2. Generation: those probes seed new instances of the same kind, written, parsed and
    verified as the student's are (no challenge filter: here the teacher is the learner).
 3. Rationales: the teacher samples k rationales for each verified instance, its own and
-   the student-targeted ones of the iteration. Where some but not all of them reach the
-   verified label, the teacher is unsure: the first that reaches it is kept to learn from
+   the student-targeted ones of the iteration. A rationale reaches the verified label when
+   its answer is that label and its reasoning does not argue for another option (names
+   another option's text but not the label's: a right letter after a wrong reading
+   teaches the teacher to answer apart from its reasoning). Where some but not all of
+   them reach it, the teacher is unsure: the first that reaches it is kept to learn from
    (where all do, there is nothing to learn; where none does, no rationale to trust).
 4. Update: LoRA on the kept rationales (CQM-LEA) and the verified letters of every
    instance (CQM-A), so that learning one format does not cost the other.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from mmdc.data.record import LETTERS, Instance
 from mmdc.generation import Request
-from mmdc.prompts import build_prompt, parse_answer
+from mmdc.prompts import build_prompt, names_other_option, parse_answer
 
 
 def unreliable(instances: list[Instance], letters: list[dict], rationales: list[dict]
@@ -49,7 +52,8 @@ def sample_rationales(teacher, instances: list[Instance], images: list, *, k: in
     kept, counts = [], {"instances": len(instances), "reliable": 0, "none": 0}
     for j, (inst, img) in enumerate(zip(instances, images)):
         right = [t for t in texts[j * k:(j + 1) * k]
-                 if parse_answer(t, len(inst.choices)) == inst.answer]
+                 if parse_answer(t, len(inst.choices)) == inst.answer
+                 and not names_other_option(t, inst.choices, inst.answer)]
         if len(right) == k:
             counts["reliable"] += 1
         elif not right:
