@@ -100,4 +100,23 @@ def test_write_prompt_modes():
     img = _inst(image="a.png")
     assert "same kind about the image" in build_write_prompt(img, "same")
     assert "harder" in build_write_prompt(img, "rarer")
-    assert "image" not in build_write_prompt(_inst(), "same").split("\n")[1]
+    assert "about the image" not in build_write_prompt(_inst(), "same")
+
+
+def test_write_prompt_shows_the_seed_as_read_and_names_the_lines_to_write():
+    # a teacher never trained on the task (a served LLaVA) sees the seed in the layout it
+    # is asked for, and which lines to add; not the seed's answer, which it could copy
+    seed = _inst(image="a.png", context="The north pole is red.")
+    lines = build_write_prompt(seed, "same").splitlines()
+    assert lines[:4] == ["Seed question:", "Context: The north pole is red.",
+                         "Question: How many?", "Options: (A) 1 (B) 2 (C) 3"]
+    for field in ("Answer:", "Lecture:", "Solution:"):
+        assert field in lines[-1]
+    assert "There are 2" not in "\n".join(lines) and "Count." not in "\n".join(lines)
+    assert build_write_prompt(_inst(), "same").splitlines()[1] == "Context: N/A"
+    # what a teacher writes back in that layout parses, the answer letter in any of the
+    # usual spellings
+    for answer in ("B", "B.", "(B)"):
+        written = ("Context: N/A\nQuestion: How many?\nOptions: (A) 1 (B) 2 (C) 3\n"
+                   f"Answer: {answer}\nLecture: Count.\nSolution: There are 2.")
+        assert parse_written(written)["answer"] == 1

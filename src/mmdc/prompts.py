@@ -3,8 +3,9 @@
 * ``CQM-A``: context, question, options -> the answer letter (LLaVA's ScienceQA prompt).
 * ``CQM-LEA``: context, question, options -> lecture, explanation (solution), answer,
   ending in "The answer is X." (the teacher's rationale format).
-* ``WRITE``: a seed question and an image -> a new instance in the :func:`format_written`
-  layout, which :func:`parse_written` reads back (the teacher's generation format).
+* ``WRITE``: a seed question (context, question, options) and an image -> a new instance
+  in the :func:`format_written` layout, which :func:`parse_written` reads back (the
+  teacher's generation format).
 
 The answer parser follows LLaVA's ScienceQA evaluation: a bare letter; an "X. " prefix;
 exactly one "The answer is X." match; anything else is wrong.
@@ -23,6 +24,8 @@ LEA_INSTRUCTION = "Explain with a lecture and a solution, then give the answer."
 WRITE_SAME = "Write a new question of the same kind about the image."
 WRITE_RARER = "Write a new, harder question of the same subject about the image."
 WRITE_SAME_TEXT = "Write a new question of the same kind."
+WRITE_LAYOUT = ("Write it as the seed is written, then add three lines: Answer: the "
+                "option's letter, Lecture: what one needs to know, Solution: how to answer.")
 
 
 def format_options(choices: list[str]) -> str:
@@ -92,20 +95,28 @@ def build_write_prompt(seed: Instance, mode: str = "same") -> str:
     """Ask the teacher for a new instance modelled on ``seed``.
 
     ``mode="same"``: same skill (a hard seed); ``mode="rarer"``: same subject but a
-    harder, rarer kind (an easy seed). Whether an image accompanies the prompt is up to
-    the caller (text-only seeds get none)."""
+    harder, rarer kind (an easy seed). The seed is shown as the teacher reads a question
+    (context, question and options, one line each), and the prompt names the lines to
+    add, so that a teacher never trained on this task (a served LLaVA) writes the
+    :func:`format_written` layout that :func:`parse_written` reads. The seed's answer is
+    not shown: a teacher that copies it would give new instances their seeds' answers.
+    Whether an image accompanies the prompt is up to the caller (text-only seeds get
+    none)."""
     if mode not in ("same", "rarer"):
         raise ValueError(f"unknown write mode {mode!r}; allowed: same, rarer")
     if seed.image is None:
         instruction = WRITE_SAME_TEXT
     else:
         instruction = WRITE_SAME if mode == "same" else WRITE_RARER
-    return f"Seed question: {seed.question}\n{instruction}"
+    context = seed.context.strip() or "N/A"
+    return (f"Seed question:\nContext: {context}\nQuestion: {seed.question}\n"
+            f"Options: {format_options(seed.choices)}\n{instruction}\n{WRITE_LAYOUT}")
 
 
-# The version of the written layout; the toy teacher's manifest records it, so a teacher
-# trained on an older layout is rebuilt (2: the context line).
-WRITTEN_LAYOUT = 2
+# The version of the writing task (prompt and written layout); the toy teacher's manifest
+# records it, so a teacher trained on an older one is rebuilt (2: the context line; 3: the
+# prompt shows the seed's context and options and names the lines to write).
+WRITTEN_LAYOUT = 3
 
 
 def format_written(inst: Instance) -> str:
@@ -151,7 +162,7 @@ def parse_written(text: str) -> dict:
         raise ValueError("option letters are not A, B, C, ... in order")
     if any(not c for c in choices) or len(set(choices)) != len(choices):
         raise ValueError("options are empty or repeated")
-    answer = fields["answer"].strip().rstrip(".")
+    answer = fields["answer"].strip().rstrip(".").strip("()")  # "B", "B." or "(B)"
     if answer not in letters:
         raise ValueError(f"answer {answer!r} is not one of the option letters")
     context = fields.get("context", "")

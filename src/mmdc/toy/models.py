@@ -25,7 +25,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmdc.prompts import build_prompt, build_target, build_write_prompt, format_written
+from mmdc.prompts import (
+    WRITE_RARER,
+    WRITE_SAME,
+    WRITE_SAME_TEXT,
+    build_prompt,
+    build_target,
+    format_written,
+)
 from mmdc.toy import world
 from mmdc.toy.world import vqa_answer, vqa_prompt
 
@@ -80,6 +87,15 @@ TEACHER_SPEC = ToySpec(text_hidden=192, text_layers=3, text_heads=4, text_interm
 STUDENT_SPEC = ToySpec(text_hidden=128, text_layers=3, text_heads=4, text_intermediate=384)
 
 
+def _layout1_write_prompt(inst, mode: str) -> str:
+    """The writing prompt of written layout 1, kept for :func:`tokenizer_corpus` only."""
+    if inst.image is None:
+        instruction = WRITE_SAME_TEXT
+    else:
+        instruction = WRITE_SAME if mode == "same" else WRITE_RARER
+    return f"Seed question: {inst.question}\n{instruction}"
+
+
 def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
     """Every kind of text the toy models read or write, drawn from the synthetic task."""
     rng = random.Random(f"mmdc-tokenizer-{seed}")
@@ -92,11 +108,13 @@ def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
                 f"USER: {build_prompt(inst, 'CQM-A')} ASSISTANT: {build_target(inst, 'CQM-A')}",
                 f"USER: {build_prompt(inst, 'CQM-LEA')} ASSISTANT: "
                 f"{build_target(inst, 'CQM-LEA')}",
-                # the written layout without its context line (the contexts are in the
-                # prompts above): the vocabulary, and the student built on it, predate it
-                f"USER: {build_write_prompt(inst, 'same')} ASSISTANT: "
+                # the writing task as it was when the vocabulary was built (written
+                # layout 1: no context line, the seed question alone): the vocabulary,
+                # and the student built on it, predate layouts 2 and 3 (their words are
+                # in the prompts above, or split into known pieces)
+                f"USER: {_layout1_write_prompt(inst, 'same')} ASSISTANT: "
                 f"{format_written(replace(inst, context=''))}",
-                f"USER: {build_write_prompt(inst, 'rarer')}",
+                f"USER: {_layout1_write_prompt(inst, 'rarer')}",
             ]
     return texts
 
