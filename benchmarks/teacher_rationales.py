@@ -23,9 +23,12 @@ import random
 import sys
 
 
-def measure(loaded, insts, images, *, k: int, temperature: float, batch_size: int) -> dict:
+def measure(loaded, insts, images, *, k: int, temperature: float, batch_size: int
+            ) -> tuple[collections.Counter, dict]:
+    """The counts, and the greedy answers' letters (index: count; None: unparsed)."""
     from mmdc.generation import Request
-    from mmdc.prompts import build_prompt, names_other_option, parse_answer
+    from mmdc.prompts import build_prompt, parse_answer
+    from mmdc.stages.improve import reaches
 
     prompts = [Request(build_prompt(i, "CQM-LEA"), im) for i, im in zip(insts, images)]
     greedy = loaded.generate(prompts, max_new_tokens=128, batch_size=batch_size,
@@ -42,17 +45,15 @@ def measure(loaded, insts, images, *, k: int, temperature: float, batch_size: in
         c["greedy reads right"] += inst.solution in g
         texts = sampled[j * k:(j + 1) * k]
         right = [t for t in texts if parse_answer(t, len(inst.choices)) == inst.answer]
-        argues = [t for t in right if names_other_option(t, inst.choices, inst.answer)]
-        kept = [t for t in right if t not in argues]
+        kept = [t for t in right if reaches(t, inst)]
         c["sampled right"] += len(right)
         c["sampled reads right"] += sum(inst.solution in t for t in texts)
-        c["right, argues for another"] += len(argues)
+        c["right, argues for another"] += len(right) - len(kept)
         c["right, reads right"] += sum(inst.solution in t for t in right)
         if 0 < len(kept) < k:
             c["unsure"] += 1
             c["kept reads right"] += inst.solution in kept[0]
-    c["greedy answers"] = dict(sorted(answers.items(), key=str))
-    return dict(c)
+    return c, dict(sorted(answers.items(), key=str))
 
 
 def main() -> int:
@@ -78,7 +79,7 @@ def main() -> int:
     rows = []
     for adapter in [None, *args.adapters]:
         loaded = load_model(args.teacher, adapter=adapter, device="cpu")
-        rows.append((adapter or args.teacher, measure(
+        rows.append((adapter or args.teacher, *measure(
             loaded, insts, images, k=args.k, temperature=args.temperature,
             batch_size=args.batch_size)))
         del loaded
@@ -89,12 +90,11 @@ def main() -> int:
           "| right, argues for another | right, reads right | unsure | kept reads right "
           "| greedy answers |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for name, c in rows:
-        print(f"| {name} | {c.get('greedy right', 0)} / {n} | {c.get('greedy reads right', 0)} "
-              f"| {c.get('sampled right', 0)} / {s} | {c.get('sampled reads right', 0)} | "
-              f"{c.get('right, argues for another', 0)} | {c.get('right, reads right', 0)} | "
-              f"{c.get('unsure', 0)} | {c.get('kept reads right', 0)} | "
-              f"{c['greedy answers']} |")
+    for name, c, answers in rows:
+        print(f"| {name} | {c['greedy right']} / {n} | {c['greedy reads right']} "
+              f"| {c['sampled right']} / {s} | {c['sampled reads right']} | "
+              f"{c['right, argues for another']} | {c['right, reads right']} | "
+              f"{c['unsure']} | {c['kept reads right']} | {answers} |")
     return 0
 
 

@@ -91,6 +91,17 @@ def names_other_option(text: str, choices: list[str], choice: int) -> bool:
 # ----------------------------------------------------------------- instance writing
 
 
+def write_instruction(seed: Instance, mode: str = "same") -> str:
+    """What the teacher is asked to write for ``seed``: a question of the same kind, or,
+    ``mode="rarer"``, a harder one of the same subject; about the image unless the seed
+    is text-only."""
+    if mode not in ("same", "rarer"):
+        raise ValueError(f"unknown write mode {mode!r}; allowed: same, rarer")
+    if seed.image is None:
+        return WRITE_SAME_TEXT
+    return WRITE_SAME if mode == "same" else WRITE_RARER
+
+
 def build_write_prompt(seed: Instance, mode: str = "same") -> str:
     """Ask the teacher for a new instance modelled on ``seed``.
 
@@ -102,12 +113,7 @@ def build_write_prompt(seed: Instance, mode: str = "same") -> str:
     not shown: a teacher that copies it would give new instances their seeds' answers.
     Whether an image accompanies the prompt is up to the caller (text-only seeds get
     none)."""
-    if mode not in ("same", "rarer"):
-        raise ValueError(f"unknown write mode {mode!r}; allowed: same, rarer")
-    if seed.image is None:
-        instruction = WRITE_SAME_TEXT
-    else:
-        instruction = WRITE_SAME if mode == "same" else WRITE_RARER
+    instruction = write_instruction(seed, mode)
     context = seed.context.strip() or "N/A"
     return (f"Seed question:\nContext: {context}\nQuestion: {seed.question}\n"
             f"Options: {format_options(seed.choices)}\n{instruction}\n{WRITE_LAYOUT}")

@@ -38,6 +38,13 @@ def unreliable(instances: list[Instance], letters: list[dict], rationales: list[
     return out
 
 
+def reaches(text: str, inst: Instance) -> bool:
+    """A rationale reaches the instance's (verified) answer: it answers that option and
+    its reasoning does not argue for another (:func:`mmdc.prompts.names_other_option`)."""
+    return (parse_answer(text, len(inst.choices)) == inst.answer
+            and not names_other_option(text, inst.choices, inst.answer))
+
+
 def sample_rationales(teacher, instances: list[Instance], images: list, *, k: int,
                       temperature: float, max_new_tokens: int, batch_size: int, seed: int,
                       desc: str) -> tuple[list[tuple[Instance, object, str]], dict]:
@@ -51,9 +58,7 @@ def sample_rationales(teacher, instances: list[Instance], images: list, *, k: in
                              desc=desc)
     kept, counts = [], {"instances": len(instances), "reliable": 0, "none": 0}
     for j, (inst, img) in enumerate(zip(instances, images)):
-        right = [t for t in texts[j * k:(j + 1) * k]
-                 if parse_answer(t, len(inst.choices)) == inst.answer
-                 and not names_other_option(t, inst.choices, inst.answer)]
+        right = [t for t in texts[j * k:(j + 1) * k] if reaches(t, inst)]
         if len(right) == k:
             counts["reliable"] += 1
         elif not right:

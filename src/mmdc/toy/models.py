@@ -25,14 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmdc.prompts import (
-    WRITE_RARER,
-    WRITE_SAME,
-    WRITE_SAME_TEXT,
-    build_prompt,
-    build_target,
-    format_written,
-)
+from mmdc.prompts import build_prompt, build_target, format_written, write_instruction
 from mmdc.toy import world
 from mmdc.toy.world import vqa_answer, vqa_prompt
 
@@ -89,11 +82,7 @@ STUDENT_SPEC = ToySpec(text_hidden=128, text_layers=3, text_heads=4, text_interm
 
 def _layout1_write_prompt(inst, mode: str) -> str:
     """The writing prompt of written layout 1, kept for :func:`tokenizer_corpus` only."""
-    if inst.image is None:
-        instruction = WRITE_SAME_TEXT
-    else:
-        instruction = WRITE_SAME if mode == "same" else WRITE_RARER
-    return f"Seed question: {inst.question}\n{instruction}"
+    return f"Seed question: {inst.question}\n{write_instruction(inst, mode)}"
 
 
 def tokenizer_corpus(seed: int = 0, n_per_skill: int = 300) -> list[str]:
