@@ -257,3 +257,84 @@ def test_a_generated_instance_takes_the_skill_its_lecture_belongs_to():
     assert report.to_dict()["per_skill"] == {"magnets": {"accepted": 1},
                                             "spatial": {"accepted": 1}}
     assert accepted[0].meta["seed_skill"] == "spatial"
+
+
+def test_refill_seeds_draw_again_from_the_seeds_whose_instances_were_kept():
+    from mmdc.stages.generate import refill_seeds
+
+    seeds = [Seed(_inst("h1"), "same", "p/0.png"), Seed(_inst("h2"), "same", "p/1.png"),
+             Seed(_inst("e1", skill="color"), "rarer", "p/2.png")]
+    kept = [Instance(id="gen-1-00000", question="q", choices=["a", "b"], answer=0,
+                     meta={"seed_id": sid, "mode": mode}) for sid, mode in
+            [("h1", "same"), ("h1", "same"), ("e1", "rarer")]]
+    pool = [f"p/{i}.png" for i in range(3, 40)]
+    more = refill_seeds(kept, seeds, 12, pool, random.Random(0))
+    assert len(more) == 12 and len({s.image for s in more}) == 12 and {s.image for s in more} <= set(pool)
+    assert {(s.instance.id, s.mode) for s in more} == {("h1", "same"), ("e1", "rarer")}
+    assert [s.mode for s in more].count("same") == 8  # the kept seeds' share: 2 of 3
+    assert refill_seeds([], seeds, 12, pool, random.Random(0)) == []
+    assert refill_seeds(kept, seeds, 0, pool, random.Random(0)) == []
+
+
+def test_report_merge_adds_a_refill_rounds_counts():
+    a, b = GenerationReport(asked=4, accepted=1), GenerationReport(asked=2, accepted=2)
+    a.dropped["unverified"] += 3
+    a.count("count", "accepted")
+    b.count("count", "accepted")
+    b.count("compare", "accepted")
+    a.merge(b)
+    d = a.to_dict()
+    assert (d["asked"], d["accepted"], d["dropped"]["unverified"]) == (6, 3, 3)
+    assert d["per_skill"] == {"compare": {"accepted": 1}, "count": {"accepted": 2}}
+
+
+def test_instance_ids_continue_from_first_id():
+    from mmdc.stages.generate import generate_instances
+
+    def teacher(requests, **kw):
+        return ["Question: ???"] * len(requests)
+
+    seeds = [Seed(_inst(f"s{i}"), "same", None) for i in range(2)]
+    nobody = SimpleNamespace(generate=teacher)
+    _, rejected, _ = generate_instances(nobody, nobody, seeds, lambda rel: None, existing=[],
+                                        iteration=3, first_id=192)
+    assert [r["id"] for r in rejected] == ["gen-3-00192", "gen-3-00193"]
+
+
+def test_refill_rounds_fill_the_cap_from_the_kept_seeds(monkeypatch):
+    """The challenge filter leaves the iteration short of max_accepted: more rounds are
+    written from the seeds whose instances were kept, each asked for what is still missing,
+    numbered after what was asked, checked for duplicates against what was kept, until the
+    cap is filled or generate.refill rounds have run."""
+    from mmdc import steps
+    from mmdc.config import Config
+
+    calls = []
+
+    def write(loop, k, prefix, seeds, *, challenge, max_accepted=None, first_id=0, also=()):
+        calls.append((prefix, len(seeds), max_accepted, first_id, len(also)))
+        new = [Instance(id=f"gen-{k}-{first_id + n:05d}", question="q", choices=["a", "b"],
+                        answer=0, meta={"seed_id": s.instance.id, "mode": s.mode})
+               for n, s in enumerate(seeds[:min(3, max_accepted or 3)])]
+        report = GenerationReport(asked=len(seeds), accepted=len(new))
+        report.dropped["not_challenging"] += len(seeds) - len(new)
+        return new, [{"id": "x", "reason": "not_challenging"}] * (len(seeds) - len(new)), report
+
+    monkeypatch.setattr(steps, "_write_generation", write)
+    cfg = Config.model_validate({"generate": {"max_accepted": 8, "refill": 3}})
+    loop = SimpleNamespace(cfg=cfg, pool_images=[f"p/{i}.png" for i in range(50)],
+                           used_images=set())
+    seeds = [Seed(_inst(f"h{i}"), "same", f"p/{i}.png") for i in range(10)]
+    accepted, rejected, report = write(loop, 1, "generate", seeds, challenge=True)
+    calls.clear()
+    steps._refill(loop, 1, seeds, accepted, rejected, report, random.Random(0))
+    # 3 kept of 8: 10 seeds for the 5 missing; 6 kept: 4 seeds for the 2 missing; full
+    assert calls == [("generate_refill1", 10, 5, 10, 3), ("generate_refill2", 4, 2, 20, 6)]
+    assert len(accepted) == 8 and report.accepted == 8 and report.asked == 24
+    assert len({i.id for i in accepted}) == 8
+    assert report.dropped["not_challenging"] == len(rejected) == 7 + 7 + 2
+    cfg.generate.refill = 0
+    calls.clear()
+    steps._refill(loop, 1, seeds, accepted[:3], [], GenerationReport(), random.Random(0))
+    assert calls == []
+

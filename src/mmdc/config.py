@@ -116,7 +116,7 @@ class ImitateConfig(_Section):
                                                         min_length=1)
     # how many times each generated instance's rows appear in the imitation data (the seed
     # split's once): >1 puts the weight of training on what the calibration found missing
-    generated_weight: int = Field(8, ge=1)
+    generated_weight: int = Field(16, ge=1)
     train: TrainConfig = TrainConfig(max_steps=200)
     # optional token-level distillation on top of the sequence-level loss (needs a shared
     # vocabulary): generalised JSD, beta 0 = forward KL, 1 = reverse KL
@@ -143,6 +143,11 @@ class GenerateConfig(_Section):
     challenge: bool = True
     challenge_by: Literal["instance", "kind"] = "kind"
     mastery: float = Field(0.9, ge=0.0, le=1.0)
+    # rounds of writing more when the challenge filter leaves an iteration short of
+    # max_accepted: the teacher writes again from the seeds whose instances were kept
+    # (twice the missing count). Off by default: on the built-in task it filled the
+    # targeted arm's third iteration without lifting the student (README)
+    refill: int = Field(0, ge=0)
     temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
     # the format of the teacher's k verifying answers: its rationales (CQM-LEA) or the
     # letter alone (CQM-A). The toy teacher answers 99.75% in CQM-A but 91% in CQM-LEA

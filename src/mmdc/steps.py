@@ -142,8 +142,10 @@ def step_assess(loop: Loop, k: int) -> str:
     return words
 
 
-def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool):
-    """Write and verify instances from ``seeds``; (accepted, rejected, report)."""
+def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool,
+                      max_accepted: int | None = None, first_id: int = 0, also: tuple = ()):
+    """Write and verify instances from ``seeds`` (``also``: instances of this iteration
+    already kept, for the duplicate filter); (accepted, rejected, report)."""
     from mmdc.stages.generate import generate_instances
 
     cfg, g = loop.cfg, loop.cfg.generate
@@ -151,11 +153,14 @@ def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool
     teacher = loop.teacher(step)
     student = loop.student(step) if challenge else None
     out = generate_instances(
-        teacher, student, seeds, loop.images, existing=loop.pool + loop.probe.instances,
+        teacher, student, seeds, loop.images,
+        existing=loop.pool + loop.probe.instances + list(also),
         iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold, challenge=challenge,
         temperature=g.temperature, max_new_tokens=g.max_new_tokens,
-        batch_size=cfg.eval.batch_size, seed=cfg.seed + k, max_accepted=g.max_accepted,
+        batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
+        max_accepted=g.max_accepted if max_accepted is None else max_accepted,
         verify_prompt=g.verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
+        first_id=first_id,
         verify_max_new_tokens=cfg.eval.max_new_tokens if g.verify_prompt == "CQM-A" else None)
     del teacher, student
     gc.collect()
@@ -203,9 +208,11 @@ def step_generate(loop: Loop, k: int) -> str:
             hard, easy = list(loop.pool), []
         seeds = select_seeds(hard, easy, cfg.generate.per_iteration, _free_images(loop), rng,
                              cfg.generate.hard_share, near=_near(loop, hard + easy))
-        accepted, rejected, report = _write_generation(
-            loop, k, "generate", seeds,
-            challenge=cfg.generate.challenge and cfg.loop.strategy == "targeted")
+        challenge = cfg.generate.challenge and cfg.loop.strategy == "targeted"
+        accepted, rejected, report = _write_generation(loop, k, "generate", seeds,
+                                                       challenge=challenge)
+        if challenge:
+            _refill(loop, k, seeds, accepted, rejected, report, rng)
     if loop.main:
         write_pool(it / "generated_accepted.jsonl", accepted)
         write_jsonl(it / "generated_rejected.jsonl", rejected)
@@ -214,6 +221,32 @@ def step_generate(loop: Loop, k: int) -> str:
     if report is None:
         return "nothing generated (strategy none)"
     return f"{len(accepted)} of {report.asked} written instances accepted"
+
+
+def _refill(loop: Loop, k: int, seeds, accepted, rejected, report, rng) -> None:
+    """Up to ``generate.refill`` more rounds while the challenge filter leaves the
+    iteration short of ``generate.max_accepted``: twice the missing count of seeds, from the
+    seeds whose instances were kept (:func:`~mmdc.stages.generate.refill_seeds`)."""
+    from mmdc.stages.generate import refill_seeds
+
+    g = loop.cfg.generate
+    written = list(seeds)
+    for r in range(1, g.refill + 1):
+        missing = g.max_accepted - len(accepted)
+        if not g.max_accepted or missing <= 0:
+            return
+        taken = {s.image for s in written}
+        more = refill_seeds(accepted, written, 2 * missing,
+                            [p for p in _free_images(loop) if p not in taken], rng)
+        if not more:
+            return
+        new, dropped, rep = _write_generation(loop, k, f"generate_refill{r}", more,
+                                              challenge=True, max_accepted=missing,
+                                              first_id=report.asked, also=accepted)
+        accepted += new
+        rejected += dropped
+        report.merge(rep)
+        written += more
 
 
 def restore_generate(loop: Loop, k: int) -> None:

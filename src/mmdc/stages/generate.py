@@ -72,6 +72,24 @@ def select_seeds(hard: list[Instance], easy: list[Instance], n: int, pool_images
     return seeds
 
 
+def refill_seeds(accepted: list[Instance], seeds: list[Seed], n: int, pool_images: list[str],
+                 rng: random.Random) -> list[Seed]:
+    """Seeds for another round of writing when the challenge filter left the iteration
+    short of its cap: the seeds whose instances were kept (kinds the student has not
+    mastered), drawn with replacement as :func:`select_seeds` draws, each on a free pool
+    image. On the built-in task the filter dropped the kinds the student had learnt
+    (count_color, magnets) in the third iteration and kept 43 instances of a cap of 96
+    (compare, spatial): the freed budget goes to more of what the student still gets
+    wrong."""
+    by_key = {(s.instance.id, s.mode): s.instance for s in seeds}
+    keys = [(i.meta.get("seed_id"), i.meta.get("mode")) for i in accepted]
+    hard = [by_key[key] for key in keys if key in by_key and key[1] == "same"]
+    easy = [by_key[key] for key in keys if key in by_key and key[1] == "rarer"]
+    if not (hard or easy) or n <= 0:
+        return []
+    return select_seeds(hard, easy, n, pool_images, rng, len(hard) / (len(hard) + len(easy)))
+
+
 def embed_images(model, processor, images: list, batch_size: int = 64):
     """Unit vectors of images in the model's vision tower (its last hidden states, averaged
     over the patches): the tower is frozen in LLaVA's recipe and shared by a 7B and a 13B."""
@@ -206,6 +224,14 @@ class GenerationReport:
     dropped: Counter = field(default_factory=Counter)
     per_skill: dict = field(default_factory=dict)
 
+    def merge(self, other: GenerationReport) -> None:
+        """Add another round's counts (a refill of the same iteration)."""
+        self.asked += other.asked
+        self.accepted += other.accepted
+        self.dropped.update(other.dropped)
+        for skill, counts in other.per_skill.items():
+            self.per_skill.setdefault(skill, Counter()).update(counts)
+
     def count(self, skill: str, outcome: str) -> None:
         self.per_skill.setdefault(skill or "(unknown)", Counter())[outcome] += 1
 
@@ -221,13 +247,14 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                        max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
                        max_accepted: int = 0, verify_prompt: str = "CQM-LEA",
                        verify_max_new_tokens: int | None = None, challenge_by: str = "instance",
-                       mastery: float = 0.9) -> tuple[list[Instance], list[dict], GenerationReport]:
+                       mastery: float = 0.9, first_id: int = 0
+                       ) -> tuple[list[Instance], list[dict], GenerationReport]:
     """Write, parse, filter and verify new instances.
 
     ``teacher`` and ``student`` are backends (:mod:`mmdc.models.backends`; the student an
     in-process :class:`~mmdc.models.load.Loaded`); ``load_image`` maps a
-    relative image path to a PIL image. Returns (accepted, rejected rows with their drop
-    reason, report)."""
+    relative image path to a PIL image. Instance ids count from ``first_id`` (a refill round continues the iteration's numbering).
+    Returns (accepted, rejected rows with their drop reason, report)."""
     from mmdc.generation import Request
     from mmdc.prompts import build_prompt, parse_answer
 
@@ -242,7 +269,7 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
     skill_of_lecture = lecture_skills(existing)
     candidates: list[tuple[Instance, object]] = []
     for n, (s, text, img) in enumerate(zip(seeds, texts, images)):
-        iid = f"gen-{iteration}-{n:05d}"
+        iid = f"gen-{iteration}-{first_id + n:05d}"
         try:
             inst = parse_instance(text, s, iid, iteration)
         except ValueError as exc:
