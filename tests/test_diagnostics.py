@@ -85,7 +85,7 @@ def test_iteration_diagnostics_and_tables(tmp_path):
     write_json(it / "generation_report.json", {
         "asked": 4, "accepted": 2,
         "dropped": {"malformed": 1, "duplicate": 0, "unverified": 1, "not_challenging": 0,
-                    "not_learnt": 0, "over_budget": 0}})
+                    "over_budget": 0}})
     d = iteration_diagnostics(it, scenes)
     q = d["label_quality"]
     assert q["accepted"] == {"n": 2, "correct": 1, "wrong": 1, "ill_posed": 0,
@@ -95,11 +95,10 @@ def test_iteration_diagnostics_and_tables(tmp_path):
     assert d["generated_skills"] == {"color": 1, "magnets": 1}
     assert d["acceptance"] == {"asked": 4, "accepted": 2, "parsed": 3, "malformed": 1,
                                "duplicate": 0,
-                               "unverified": 1, "not_challenging": 0, "not_learnt": 0,
-                               "over_budget": 0}
+                               "unverified": 1, "not_challenging": 0, "over_budget": 0}
     text = format_diagnostics({1: d})
     assert "| 1 | 4 | 3 (75%) |" in text  # the writing table: asked, parsed
     assert "| 1 | accepted | 2 | 50.0% | 1 | 1 | 0 | 0 |" in text
-    assert "| 1 | 4 | 50% | 25% | 0% | 25% | 0% | 0% | 0% |" in text
+    assert "| 1 | 4 | 50% | 25% | 0% | 25% | 0% | 0% |" in text
     assert "| magnets | - | - | 1 |" in text
     json.dumps(d)  # the report stores it as JSON

@@ -78,7 +78,7 @@ def test_majority_and_report():
     r.count("count", "accepted")
     d = r.to_dict()
     assert d["dropped"] == {"malformed": 1, "duplicate": 0, "unverified": 0, "not_challenging": 0,
-                           "not_learnt": 0, "over_budget": 0}
+                           "over_budget": 0}
     assert d["per_skill"] == {"count": {"accepted": 1}}
 
 
@@ -338,22 +338,3 @@ def test_refill_rounds_fill_the_cap_from_the_kept_seeds(monkeypatch):
     steps._refill(loop, 1, seeds, accepted[:3], [], GenerationReport(), random.Random(0))
     assert calls == []
 
-
-
-def test_a_taught_kind_still_answered_at_chance_is_not_learnt():
-    from mmdc.stages.generate import kinds_of, unlearnt_kinds
-
-    def inst(n, lecture, options=4):
-        return Instance(id=f"g{n}", question="q", choices=list("abcd")[:options], answer=0,
-                        lecture=lecture, meta={"seed_skill": "x", "mode": "same"})
-
-    spatial = [inst(n, "On a map, north is up.") for n in range(8)]  # chance 1/4
-    compare = [inst(n, "To compare, count each.", 2) for n in range(8, 14)]  # chance 1/2
-    insts = spatial + compare
-    agrees = [n < 2 for n in range(8)] + [n < 10 for n in range(8, 14)]  # 2 of 8, 2 of 6
-    taught = set(kinds_of(spatial + compare))
-    assert unlearnt_kinds(insts, agrees, taught) == [True] * 14
-    # above chance: still learning; never taught: not judged
-    agrees = [n < 3 for n in range(8)] + [n < 12 for n in range(8, 14)]
-    assert unlearnt_kinds(insts, agrees, taught) == [False] * 14
-    assert unlearnt_kinds(insts, [False] * 14, set()) == [False] * 14

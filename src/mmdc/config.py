@@ -148,9 +148,6 @@ class GenerateConfig(_Section):
     # (twice the missing count). Off by default: on the built-in task it filled the
     # targeted arm's third iteration without lifting the student (README)
     refill: int = Field(0, ge=0)
-    # drop (not_learnt) instances of a kind taught in an earlier iteration that the student
-    # still answers no better than chance (challenge_by=kind)
-    drop_unlearnt: bool = False
     temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
     # the format of the teacher's k verifying answers: its rationales (CQM-LEA) or the
     # letter alone (CQM-A). The toy teacher answers 99.75% in CQM-A but 91% in CQM-LEA

@@ -146,7 +146,7 @@ def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool
                       max_accepted: int | None = None, first_id: int = 0, also: tuple = ()):
     """Write and verify instances from ``seeds`` (``also``: instances of this iteration
     already kept, for the duplicate filter); (accepted, rejected, report)."""
-    from mmdc.stages.generate import generate_instances, kinds_of
+    from mmdc.stages.generate import generate_instances
 
     cfg, g = loop.cfg, loop.cfg.generate
     step = f"iter_{k}/{prefix}"
@@ -160,7 +160,7 @@ def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool
         batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
         max_accepted=g.max_accepted if max_accepted is None else max_accepted,
         verify_prompt=g.verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
-        first_id=first_id, taught=set(kinds_of(loop.generated)) if g.drop_unlearnt else set(),
+        first_id=first_id,
         verify_max_new_tokens=cfg.eval.max_new_tokens if g.verify_prompt == "CQM-A" else None)
     del teacher, student
     gc.collect()

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from mmdc.data.record import Instance
 from mmdc.prompts import build_write_prompt, parse_written
 
-DROP_REASONS = ("malformed", "duplicate", "unverified", "not_challenging", "not_learnt",
-                "over_budget")
+DROP_REASONS = ("malformed", "duplicate", "unverified", "not_challenging", "over_budget")
 
 
 @dataclass
@@ -218,20 +217,6 @@ def mastered_kinds(instances: list[Instance], agrees: list[bool], mastery: float
     return [rate[kind] >= mastery for kind in kinds]
 
 
-def unlearnt_kinds(instances: list[Instance], agrees: list[bool], taught: set) -> list[bool]:
-    """Instances of a kind (:func:`kinds_of`) in ``taught`` (kinds the student learnt from
-    in an earlier iteration) that the student still answers like the teacher no more often
-    than chance: what one more iteration of the same cannot teach it (spatial, on the
-    built-in task)."""
-    kinds = kinds_of(instances)
-    by_kind: dict = {}
-    for kind, inst, agree in zip(kinds, instances, agrees, strict=True):
-        by_kind.setdefault(kind, []).append((agree, 1 / len(inst.choices)))
-    stuck = {k for k, v in by_kind.items()
-             if k in taught and sum(a for a, _ in v) <= sum(c for _, c in v)}
-    return [kind in stuck for kind in kinds]
-
-
 @dataclass
 class GenerationReport:
     asked: int = 0
@@ -262,7 +247,7 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                        max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
                        max_accepted: int = 0, verify_prompt: str = "CQM-LEA",
                        verify_max_new_tokens: int | None = None, challenge_by: str = "instance",
-                       mastery: float = 0.9, first_id: int = 0, taught: set = frozenset()
+                       mastery: float = 0.9, first_id: int = 0
                        ) -> tuple[list[Instance], list[dict], GenerationReport]:
     """Write, parse, filter and verify new instances.
 
@@ -334,18 +319,15 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
                                 max_new_tokens=8, batch_size=batch_size, desc=f"iter {iteration}: student tries")
         agrees = [parse_answer(out, len(inst.choices)) == inst.answer
                   for (inst, _), out in zip(verified, outs)]
-        insts = [inst for inst, _ in verified]
-        stuck = [False] * len(insts)
         if challenge_by == "kind":
-            stuck = unlearnt_kinds(insts, agrees, set(taught))
-            agrees = mastered_kinds(insts, agrees, mastery)
+            agrees = mastered_kinds([inst for inst, _ in verified], agrees, mastery)
         accepted = []
-        for (inst, img), agree, unlearnt in zip(verified, agrees, stuck, strict=True):
-            if agree or unlearnt:
-                reason = "not_learnt" if unlearnt else "not_challenging"
-                report.dropped[reason] += 1
-                report.count(inst.skill, reason)
-                rejected.append({"id": inst.id, "reason": reason, "record": inst.to_dict()})
+        for (inst, img), agree in zip(verified, agrees):
+            if agree:
+                report.dropped["not_challenging"] += 1
+                report.count(inst.skill, "not_challenging")
+                rejected.append({"id": inst.id, "reason": "not_challenging",
+                                 "record": inst.to_dict()})
             else:
                 accepted.append((inst, img))
     if max_accepted and len(accepted) > max_accepted:
