@@ -116,7 +116,7 @@ class ImitateConfig(_Section):
                                                         min_length=1)
     # how many times each generated instance's rows appear in the imitation data (the seed
     # split's once): >1 puts the weight of training on what the calibration found missing
-    generated_weight: int = Field(16, ge=1)
+    generated_weight: int = Field(8, ge=1)
     train: TrainConfig = TrainConfig(max_steps=200)
     # optional token-level distillation on top of the sequence-level loss (needs a shared
     # vocabulary): generalised JSD, beta 0 = forward KL, 1 = reverse KL
