@@ -253,8 +253,9 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
 
     ``teacher`` and ``student`` are backends (:mod:`mmdc.models.backends`; the student an
     in-process :class:`~mmdc.models.load.Loaded`); ``load_image`` maps a
-    relative image path to a PIL image. Instance ids count from ``first_id`` (a refill round continues the iteration's numbering).
-    Returns (accepted, rejected rows with their drop reason, report)."""
+    relative image path to a PIL image. Instance ids count from ``first_id`` (a refill
+    round continues the iteration's numbering). Returns (accepted, rejected rows with their
+    drop reason, report)."""
     from mmdc.generation import Request
     from mmdc.prompts import build_prompt, parse_answer
 
