@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_calibration_gain_runs_every_arm_and_prints_its_tables(tmp_path):
+    """Two runs at a time (--jobs 2): the task is written once, before the runs."""
     overrides = [*small_data_overrides(tmp_path / "data"), *TINY,
                  "loop.teacher_train.max_steps=2", "loop.teacher_train.batch_size=4"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "calibration_gain.py"), "--seeds", "0",
-         "--out", str(tmp_path / "out"), *overrides],
+         "--out", str(tmp_path / "out"), "--jobs", "2", *overrides],
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
