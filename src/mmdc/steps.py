@@ -230,10 +230,12 @@ def _refill(loop: Loop, k: int, seeds, accepted, rejected, report, rng) -> None:
     from mmdc.stages.generate import refill_seeds
 
     g = loop.cfg.generate
+    if not g.max_accepted:
+        return
     written = list(seeds)
     for r in range(1, g.refill + 1):
         missing = g.max_accepted - len(accepted)
-        if not g.max_accepted or missing <= 0:
+        if missing <= 0:
             return
         taken = {s.image for s in written}
         more = refill_seeds(accepted, written, 2 * missing,
