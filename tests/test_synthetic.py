@@ -1,8 +1,13 @@
+import json
 import random
 from collections import Counter
 
-from mmdc.data.load import Split
+import pytest
+
+from mmdc.config import Config
+from mmdc.data.load import SYNTH_MARKER, Split, ensure_synthetic
 from mmdc.data.scienceqa import read_scienceqa
+from mmdc.errors import DataError
 from mmdc.evaluation import columns_of
 from mmdc.toy import world
 
@@ -80,3 +85,21 @@ def test_synth_output_loads_through_scienceqa_reader(synth_root):
     first = read_scienceqa(synth_root, "test")[0]
     assert first.source == "synthetic" and first.meta["scene"]
     assert (synth_root / "pool.jsonl").is_file()
+
+
+def test_pool_images_are_drawn_as_the_seed_splits_are():
+    """The unlabelled pool holds magnet pictures as rarely as the seed split does, so blind
+    random generation cannot find more of them than the user's data has."""
+    pool = Counter(scene["kind"] for _, scene, _ in world.generate_pool(600, seed=0))
+    train = [i for i, _ in world.generate_split("train", 600, seed=0) if i.image]
+    share = sum(i.skill == "magnets" for i in train) / len(train)
+    assert abs(pool["magnets"] / 600 - share) < 0.02
+    assert pool["magnets"] / 600 < 0.08 < 0.125  # the balanced test's share is 1/8
+
+
+def test_a_task_folder_with_an_earlier_pool_is_refused_by_name(tmp_path):
+    synth = Config().data.synth
+    sizes = {k: getattr(synth, k) for k in world.TaskSizes.__dataclass_fields__}
+    (tmp_path / SYNTH_MARKER).write_text(json.dumps({"seed": synth.seed, "sizes": sizes}))
+    with pytest.raises(DataError, match="as an earlier mmdc wrote it.*delete the folder"):
+        ensure_synthetic(tmp_path, synth)

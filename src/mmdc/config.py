@@ -157,13 +157,12 @@ class GenerateConfig(_Section):
     # keep at most this many accepted instances per iteration (0: no limit); the rest are
     # dropped as over_budget. Comparing strategies at an equal generation budget uses it.
     max_accepted: int = Field(96, ge=0)
-    # the pool image each seed's new instance is written on: "random", any free image, or
-    # "similar", one from the tenth of the free images that look most like the seed's image
-    # in the student's (frozen) vision tower, so that it can carry the seed's skill (a
-    # magnet question needs magnets; the few nearest would repeat the seed's answer). On
-    # the built-in task "similar" writes on-skill instances but did not lift the student
-    # (README, "Calibration gain"), so it is not the default
-    pair_images: Literal["random", "similar"] = "random"
+    # the pool image each seed's new instance is written on: "similar", one from the tenth
+    # of the free images that look most like the seed's image in the student's (frozen)
+    # vision tower, so that it can carry the seed's skill (a magnet question needs magnets,
+    # and magnet pictures are as rare in the pool as in the seed split; the few nearest
+    # would repeat the seed's answer), or "random", any free image
+    pair_images: Literal["random", "similar"] = "similar"
 
 
 class AssessConfig(_Section):

@@ -176,9 +176,10 @@ def _near(loop: Loop, seeds_from: list[Instance]):
     images and the seeds' images embedded once by the student's vision tower."""
     from mmdc.stages.generate import embed_images, rank_by_similarity
 
-    if loop.cfg.generate.pair_images == "random":
+    free = _free_images(loop)
+    if loop.cfg.generate.pair_images == "random" or not free:
         return None
-    paths = _free_images(loop) + [i.image for i in seeds_from if i.image]
+    paths = free + [i.image for i in seeds_from if i.image]
     need = [p for p in dict.fromkeys(paths) if p not in loop.image_vectors]
     if need:
         loaded = load_configured(loop.cfg.student)

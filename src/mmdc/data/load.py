@@ -60,15 +60,19 @@ def write_synthetic_task(out: str | Path, sizes: world.TaskSizes, seed: int = 0)
         image.save(folder / "image.png")
         pool_rows.append({"id": pid, "image": f"images/pool/{pid}/image.png", "scene": scene})
     write_jsonl(out / "pool.jsonl", pool_rows)
-    write_json(out / SYNTH_MARKER, {"seed": seed, "sizes": sizes.__dict__})
+    write_json(out / SYNTH_MARKER, _marker(seed, sizes))
     return out
+
+
+def _marker(seed: int, sizes: world.TaskSizes) -> dict:
+    return {"seed": seed, "sizes": sizes.__dict__, "pool": world.POOL_VERSION}
 
 
 def ensure_synthetic(root: str | Path, synth_cfg) -> Path:
     """Write the synthetic task into ``root`` unless the same one is already there."""
     root = Path(root)
     sizes = world.TaskSizes(**{k: getattr(synth_cfg, k) for k in world.TaskSizes.__dataclass_fields__})
-    want = {"seed": synth_cfg.seed, "sizes": sizes.__dict__}
+    want = _marker(synth_cfg.seed, sizes)
     marker = root / SYNTH_MARKER
     if marker.is_file():
         try:
@@ -77,6 +81,10 @@ def ensure_synthetic(root: str | Path, synth_cfg) -> Path:
             have = None
         if have == want:
             return root
+        if isinstance(have, dict) and have.get("pool") != want["pool"]:
+            raise DataError(f"{root}: holds the synthetic task as an earlier mmdc wrote it "
+                            f"(its image pool is drawn differently now); delete the folder "
+                            f"to have it written again, or choose another data.root")
         raise DataError(f"{root}: holds a synthetic task with other settings ({have}); "
                         f"choose another data.root or delete the folder")
     if (root / "problems.json").exists():
