@@ -291,8 +291,8 @@ def main() -> int:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--out", default="runs/calibration_gain")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="runs at a time (default 2, or 1 on a one-core machine: the whole "
-                         "benchmark fits the 60-minute budget of the 2-core machine so)")
+                    help="runs at a time (default 2, or 1 on a one-core machine: so the "
+                         "whole benchmark fits in 60 minutes on a 2-core machine)")
     ap.add_argument("override", nargs="*", help="key=value config overrides for every run, "
                     "e.g. data.synth.seed=7 data.root=DIR (default: the built-in default)")
     # key=value overrides may come anywhere on the line (after --strategies too)

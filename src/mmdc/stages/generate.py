@@ -77,10 +77,10 @@ def refill_seeds(accepted: list[Instance], seeds: list[Seed], n: int, pool_image
     """Seeds for another round of writing when the challenge filter left the iteration
     short of its cap: the seeds whose instances were kept (kinds the student has not
     mastered), drawn with replacement as :func:`select_seeds` draws, each on a free pool
-    image. On the built-in task the filter dropped the kinds the student had learnt
-    (count_color, magnets) in the third iteration and kept 43 instances of a cap of 96
-    (compare, spatial): the freed budget goes to more of what the student still gets
-    wrong."""
+    image. On the built-in task with its first image pool the filter dropped the kinds the
+    student had learnt (count_color, magnets) in the third iteration and kept 43 instances
+    of a cap of 96 (compare, spatial): the freed budget goes to more of what the student
+    still gets wrong."""
     by_key = {(s.instance.id, s.mode): s.instance for s in seeds}
     keys = [(i.meta.get("seed_id"), i.meta.get("mode")) for i in accepted]
     hard = [by_key[key] for key in keys if key in by_key and key[1] == "same"]
