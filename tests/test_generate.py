@@ -338,3 +338,84 @@ def test_refill_rounds_fill_the_cap_from_the_kept_seeds(monkeypatch):
     steps._refill(loop, 1, seeds, accepted[:3], [], GenerationReport(), random.Random(0))
     assert calls == []
 
+
+
+def test_writing_yield_counts_what_the_teacher_could_verify_for_hard_seeds():
+    """generate.by_yield: per seed skill, (verified + 1) / (written and judged + 2) over the
+    instances written for hard seeds; easy seeds and drops before verification (malformed,
+    duplicate) do not count."""
+    from mmdc.stages.generate import writing_yield
+
+    def rec(seed_skill, mode="same"):
+        return {"meta": {"seed_skill": seed_skill, "mode": mode}}
+
+    accepted = [Instance(id=f"a{n}", question="q", choices=["a", "b"], answer=0,
+                         meta={"seed_skill": "compare", "mode": "same"}) for n in range(3)]
+    rejected = ([{"reason": "unverified", "record": rec("spatial")}] * 4
+                + [{"reason": "not_challenging", "record": rec("spatial")}]
+                + [{"reason": "over_budget", "record": rec("compare")}]
+                + [{"reason": "unverified", "record": rec("color", "rarer")}] * 5
+                + [{"reason": "duplicate", "record": rec("spatial")}] * 3
+                + [{"reason": "malformed", "seed_id": "x"}])
+    share = writing_yield(accepted, rejected)
+    assert share == {"compare": (4 + 1) / (4 + 2), "spatial": (1 + 1) / (5 + 2)}
+
+
+def test_hard_weights_draw_the_hard_seeds_in_proportion():
+    hard = [_inst("h0", skill="spatial"), _inst("h1", skill="compare")]
+    pool = [f"images/pool/{i}.png" for i in range(400)]
+    seeds = select_seeds(hard, [], 300, pool, random.Random(0), hard_weights=[0.1, 0.9])
+    drawn = [s.instance.id for s in seeds].count("h0")
+    assert 10 <= drawn <= 50  # 30 expected of 300
+    same = select_seeds(hard, [], 50, pool, random.Random(1))
+    assert [s.instance.id for s in same] == [
+        s.instance.id for s in select_seeds(hard, [], 50, pool, random.Random(1),
+                                            hard_weights=[1.0, 1.0])]
+
+
+@pytest.mark.parametrize("written_vote", [True, False])
+def test_written_label_as_a_vote(written_vote):
+    """generate.written_vote: the teacher writes (A) but answers (B) every time it is asked.
+    With its written label as a vote, 3 of 4 agree (under tau 0.9): unverified; without,
+    the samples are unanimous and their label replaces the written one."""
+    from mmdc.stages.generate import generate_instances
+
+    def teacher(requests, **kw):
+        if requests[0].prompt.startswith("Seed question"):  # writing: the label is A
+            return [format_written(_inst("w", question="How many red shapes are there?"))]
+        return ["The answer is B."] * len(requests)
+
+    nobody = SimpleNamespace(generate=teacher)
+    accepted, rejected, _ = generate_instances(
+        nobody, nobody, [Seed(_inst("s"), "same", None)], lambda rel: None, existing=[],
+        iteration=1, k=3, tau=0.9, challenge=False, written_vote=written_vote)
+    if written_vote:
+        assert accepted == [] and rejected[0]["reason"] == "unverified"
+    else:
+        (inst,) = accepted
+        assert inst.answer == 1 and inst.meta["written_answer"] == 0
+
+
+def test_yield_weights_read_the_earlier_iterations(tmp_path):
+    """The loop weighs each hard probe by its skill's writing yield in the iterations
+    before (none in the first, none unless generate.by_yield and targeted)."""
+    from mmdc.data.pool import write_jsonl
+    from mmdc.steps import _yield_weights
+
+    (tmp_path / "iter_1").mkdir()
+    write_jsonl(tmp_path / "iter_1" / "generated_rejected.jsonl",
+                [{"reason": "unverified", "record": {"meta": {"seed_skill": "spatial",
+                                                              "mode": "same"}}}] * 2)
+    kept = Instance(id="g", question="q", choices=["a", "b"], answer=0, iteration=1,
+                    meta={"seed_skill": "compare", "mode": "same"})
+
+    def loop(by_yield, strategy="targeted"):
+        cfg = SimpleNamespace(generate=SimpleNamespace(by_yield=by_yield),
+                              loop=SimpleNamespace(strategy=strategy))
+        return SimpleNamespace(cfg=cfg, generated=[kept], it=lambda j: tmp_path / f"iter_{j}")
+
+    hard = [_inst("h0", skill="spatial"), _inst("h1", skill="compare"), _inst("h2")]
+    assert _yield_weights(loop(True), 2, hard) == [1 / 4, 2 / 3, 1.0]
+    assert _yield_weights(loop(True), 1, hard) is None
+    assert _yield_weights(loop(False), 2, hard) is None
+    assert _yield_weights(loop(True, "random"), 2, hard) is None

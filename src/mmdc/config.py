@@ -134,6 +134,9 @@ class GenerateConfig(_Section):
     # instance: 0.9 with k=5 asks all six to agree (the toy teacher's letters are sharp:
     # a disagreement marks a suspect instance); the real configs use 0.6
     tau: float = Field(0.9, ge=0.0, le=1.0)
+    # whether the label the teacher wrote counts as one of the votes (false: the k
+    # samples alone decide, and a written label they overrule is replaced)
+    written_vote: bool = True
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
     # drop instances the student already answers like the teacher (targeted strategy only),
     # judged per instance or per kind (the instances written for one seed skill and mode,
@@ -143,6 +146,9 @@ class GenerateConfig(_Section):
     challenge: bool = True
     challenge_by: Literal["instance", "kind"] = "kind"
     mastery: float = Field(0.9, ge=0.0, le=1.0)
+    # hard seeds of a skill drawn in proportion to the share of the teacher's earlier
+    # writing for that skill it could verify (targeted strategy, from the second iteration)
+    by_yield: bool = False
     # rounds of writing more when the challenge filter leaves an iteration short of
     # max_accepted: the teacher writes again from the seeds whose instances were kept
     # (twice the missing count). Off by default: on the built-in task it filled the

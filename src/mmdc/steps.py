@@ -155,7 +155,7 @@ def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool
     out = generate_instances(
         teacher, student, seeds, loop.images,
         existing=loop.pool + loop.probe.instances + list(also),
-        iteration=k, k=g.k, tau=g.tau, rouge_threshold=g.rouge_threshold, challenge=challenge,
+        iteration=k, k=g.k, tau=g.tau, written_vote=g.written_vote, rouge_threshold=g.rouge_threshold, challenge=challenge,
         temperature=g.temperature, max_new_tokens=g.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
         max_accepted=g.max_accepted if max_accepted is None else max_accepted,
@@ -208,7 +208,8 @@ def step_generate(loop: Loop, k: int) -> str:
             # student (no challenge filter either): Lion without its referee
             hard, easy = list(loop.pool), []
         seeds = select_seeds(hard, easy, cfg.generate.per_iteration, _free_images(loop), rng,
-                             cfg.generate.hard_share, near=_near(loop, hard + easy))
+                             cfg.generate.hard_share, near=_near(loop, hard + easy),
+                             hard_weights=_yield_weights(loop, k, hard))
         challenge = cfg.generate.challenge and cfg.loop.strategy == "targeted"
         accepted, rejected, report = _write_generation(loop, k, "generate", seeds,
                                                        challenge=challenge)
@@ -222,6 +223,18 @@ def step_generate(loop: Loop, k: int) -> str:
     if report is None:
         return "nothing generated (strategy none)"
     return f"{len(accepted)} of {report.asked} written instances accepted"
+
+
+def _yield_weights(loop: Loop, k: int, hard: list[Instance]) -> list[float] | None:
+    """Each hard seed's weight: the share of the teacher's writing for its skill in the
+    earlier iterations that it could verify (``generate.by_yield``, targeted only)."""
+    from mmdc.stages.generate import writing_yield
+
+    if not (loop.cfg.generate.by_yield and loop.cfg.loop.strategy == "targeted") or k < 2:
+        return None
+    rejected = [r for j in range(1, k) for r in read_jsonl(loop.it(j) / "generated_rejected.jsonl")]
+    share = writing_yield([i for i in loop.generated if i.iteration < k], rejected)
+    return [share.get(i.skill, 1.0) for i in hard]
 
 
 def _refill(loop: Loop, k: int, seeds, accepted, rejected, report, rng) -> None:
