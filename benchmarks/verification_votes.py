@@ -23,7 +23,7 @@ VERIFIED = ("not_challenging", "over_budget")
 
 
 def pattern(meta: dict) -> str:
-    votes = [v for v in meta.get("votes", [])]
+    votes = list(meta.get("votes", []))
     top = collections.Counter(v for v in votes if v is not None).most_common(1)
     label, count = top[0] if top else (None, 0)
     agree = "unanimous" if votes and count == len(votes) else "split"

@@ -155,7 +155,8 @@ def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool
     out = generate_instances(
         teacher, student, seeds, loop.images,
         existing=loop.pool + loop.probe.instances + list(also),
-        iteration=k, k=g.k, tau=g.tau, written_vote=g.written_vote, rouge_threshold=g.rouge_threshold, challenge=challenge,
+        iteration=k, k=g.k, tau=g.tau, written_vote=g.written_vote,
+        rouge_threshold=g.rouge_threshold, challenge=challenge,
         temperature=g.temperature, max_new_tokens=g.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
         max_accepted=g.max_accepted if max_accepted is None else max_accepted,

@@ -13,9 +13,9 @@ verifies its own labels (the self-improving teacher's calibration).
    student already answers like the teacher: one by one, or, ``challenge_by="kind"``, on
    at least ``mastery`` of the instances written for the same kind of seed).
 3. Calibration: the label kept is the majority of the teacher's written label and its k
-   sampled answers (kept when at least tau of the k + 1 agree), the samples in the
-   format ``verify_prompt`` (rationales, CQM-LEA, or the letter alone, CQM-A: whichever the
-   teacher answers best).
+   sampled answers (kept when at least tau of the k + 1 agree; ``written_vote`` off: of
+   the k samples alone), the samples in the format ``verify_prompt`` (rationales,
+   CQM-LEA, or the letter alone, CQM-A: whichever the teacher answers best).
 """
 
 from __future__ import annotations
