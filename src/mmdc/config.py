@@ -128,7 +128,10 @@ class ImitateConfig(_Section):
 
 class GenerateConfig(_Section):
     per_iteration: int = Field(192, ge=1)  # seeds asked per iteration
-    hard_share: float = Field(0.5, ge=0.0, le=1.0)  # hard:easy = 1:1 by default
+    # the share of the seeds drawn from the hard probes (the rest from the easy ones, asked
+    # for a harder question); on the built-in task every seed hard, with by_yield, measured
+    # best (README, "Calibration gain")
+    hard_share: float = Field(1.0, ge=0.0, le=1.0)
     k: int = Field(5, ge=1)  # sampled teacher answers for self-consistency
     # minimum agreement of the k + 1 votes (written label and k samples) to keep an
     # instance: 0.9 with k=5 asks all six to agree (the toy teacher's letters are sharp:
@@ -148,7 +151,7 @@ class GenerateConfig(_Section):
     mastery: float = Field(0.9, ge=0.0, le=1.0)
     # hard seeds of a skill drawn in proportion to the share of the teacher's earlier
     # writing for that skill it could verify (targeted strategy, from the second iteration)
-    by_yield: bool = False
+    by_yield: bool = True
     # rounds of writing more when the challenge filter leaves an iteration short of
     # max_accepted: the teacher writes again from the seeds whose instances were kept
     # (twice the missing count). Off by default: on the built-in task it filled the

@@ -3,8 +3,10 @@ verifies its own labels (the self-improving teacher's calibration).
 
 1. Seeds: hard instances (the student fell short) are asked for "a new question of the
    same kind"; easy ones for "a harder question of the same subject" (Lion's hard/easy
-   seeding), at a configurable hard share (default 1:1). Each seed with an image is paired
-   with an unused image from the unlabelled pool.
+   seeding), at a configurable hard share (the loop's default: every seed hard; Lion's
+   1:1 is 0.5), hard instances weighted by the teacher's writing yield for their skill
+   (:func:`writing_yield`). Each seed with an image is paired with an unused image from
+   the unlabelled pool.
 2. The teacher writes; the output is parsed into the canonical record. Drops, each counted
    by reason: ``malformed`` (does not parse), ``duplicate`` (ROUGE-L above the threshold
    against an instance on the same image, or against any text-only instance for text-only
