@@ -22,11 +22,11 @@ from pathlib import Path
 VERIFIED = ("not_challenging", "over_budget")
 
 
-def pattern(meta: dict) -> str:
-    votes = list(meta.get("votes", []))
-    top = collections.Counter(v for v in votes if v is not None).most_common(1)
-    label, count = top[0] if top else (None, 0)
-    agree = "unanimous" if votes and count == len(votes) else "split"
+def pattern(meta: dict) -> tuple[str, int | None]:
+    from mmdc.stages.generate import majority
+
+    label, share = majority(list(meta.get("votes", [])))
+    agree = "unanimous" if share == 1.0 else "split"
     written = "written agrees" if meta.get("written_answer") == label else "written differs"
     return f"{agree}, {written}", label
 
