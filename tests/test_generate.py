@@ -69,6 +69,27 @@ def test_duplicates_are_scoped_to_the_same_image():
     assert f.is_duplicate(_inst(5, image="b.png", question="How many red shapes are there in the picture?"))
 
 
+def test_duplicates_need_the_same_options():
+    """A known wording with new options is a new question (ScienceQA's text-only stems)."""
+    stem = "Which word would come first in alphabetical order?"
+
+    def words(i, choices, context=""):
+        return Instance(id=str(i), question=stem, choices=choices, answer=0, image=None,
+                        context=context, skill="alphabet")
+
+    f = DuplicateFilter([words(1, ["moon", "apple", "kite"])], threshold=0.7)
+    assert f.is_duplicate(words(2, ["kite", "apple", "moon"]))  # same options, reordered
+    assert f.is_duplicate(words(3, ["moon", "apple"]))  # two of three: Jaccard 2/3
+    assert not f.is_duplicate(words(4, ["cat", "dog", "zoo"]))
+    assert not f.is_duplicate(words(5, ["moon", "cat", "dog"]))  # one shared: Jaccard 1/5
+    assert f.max_similarity(words(6, ["cat", "dog"])) == 0.0
+    # a long context that differs makes the question itself new
+    g = DuplicateFilter([words(7, ["yes", "no"], "The text: the fox ran off the hill.")], 0.7)
+    assert g.is_duplicate(words(8, ["yes", "no"], "The text: the fox ran off the hill."))
+    assert not g.is_duplicate(words(9, ["yes", "no"],
+                                    "Mona will print her name on the form before noon today."))
+
+
 def test_majority_and_report():
     assert majority([1, 1, 0, None]) == (1, 0.5)
     assert majority([None, None]) == (None, 0.0)

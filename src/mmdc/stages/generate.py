@@ -164,24 +164,37 @@ def parse_instance(text: str, seed: Seed, iid: str, iteration: int) -> Instance:
 
 
 class DuplicateFilter:
-    """ROUGE-L near-duplicate check, scoped to instances on the same image."""
+    """ROUGE-L near-duplicate check, scoped to instances on the same image: a near-duplicate
+    asks a near-identical question (ROUGE-L of question and context above the threshold)
+    over mostly the same options (Jaccard of the option sets at least one half). ScienceQA
+    asks many questions in one wording whose content lies in the options ("Which word
+    would come first in alphabetical order?"): a new instance in a known wording with new
+    options is new."""
 
     def __init__(self, existing: list[Instance], threshold: float = 0.7):
         from rouge_score import rouge_scorer
 
         self.threshold = threshold
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-        self._by_image: dict[str | None, list[str]] = {}
+        self._by_image: dict[str | None, list[tuple[str, frozenset]]] = {}
         for inst in existing:
             self.add(inst)
 
+    @staticmethod
+    def _key(inst: Instance) -> tuple[str, frozenset]:
+        text = f"{inst.question} {inst.context}".strip()
+        return text, frozenset(c.strip().lower() for c in inst.choices)
+
     def add(self, inst: Instance) -> None:
-        self._by_image.setdefault(inst.image, []).append(inst.question)
+        self._by_image.setdefault(inst.image, []).append(self._key(inst))
 
     def max_similarity(self, inst: Instance) -> float:
-        others = self._by_image.get(inst.image, [])
-        return max((self._scorer.score(o, inst.question)["rougeL"].fmeasure for o in others),
-                   default=0.0)
+        """The highest ROUGE-L of the question (and context) against the instances on the
+        same image whose options mostly overlap this one's."""
+        text, options = self._key(inst)
+        return max((self._scorer.score(o, text)["rougeL"].fmeasure
+                    for o, opts in self._by_image.get(inst.image, [])
+                    if len(opts & options) * 2 >= len(opts | options)), default=0.0)
 
     def is_duplicate(self, inst: Instance) -> bool:
         return self.max_similarity(inst) > self.threshold
