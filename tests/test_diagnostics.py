@@ -6,7 +6,7 @@ import random
 import pytest
 
 from mmdc.data.pool import write_json, write_jsonl
-from mmdc.toy import world
+from mmdc.toy import truth, world
 from mmdc.toy.diagnostics import check_record, format_diagnostics, iteration_diagnostics
 
 SCENE = {"kind": "objects", "objects": [
@@ -22,7 +22,7 @@ def test_solver_agrees_with_every_generated_instance(skill):
     rng = random.Random(skill)
     for n in range(200):
         inst = world.make_instance(skill, rng, f"x{n}", "test")
-        sol = world.solve(inst.question, inst.choices, inst.meta.get("scene"))
+        sol = truth.solve(inst.question, inst.choices, inst.meta.get("scene"))
         assert (sol.skill, sol.answer) == (skill, inst.answer)
 
 
@@ -51,7 +51,7 @@ def test_solver_agrees_with_every_generated_instance(skill):
     ("Is the sky blue?", ["yes", "no"], SCENE, (None, None)),
 ])
 def test_solver_cases(question, choices, scene, expected):
-    sol = world.solve(question, choices, scene)
+    sol = truth.solve(question, choices, scene)
     assert (sol.skill, sol.answer) == expected
 
 

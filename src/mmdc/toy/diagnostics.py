@@ -1,7 +1,7 @@
 """Diagnostics for runs on the built-in synthetic task.
 
 The synthetic task knows the hidden scene of every pool image, so each instance the
-teacher writes can be checked against the truth (:func:`mmdc.toy.world.solve`). The
+teacher writes can be checked against the truth (:func:`mmdc.toy.truth.solve`). The
 method never sees any of this: it is read back from a finished run folder to explain its
 outcome, and written into the run's report and the calibration-gain benchmark.
 
@@ -25,7 +25,7 @@ from mmdc.data.load import read_image_pool
 from mmdc.data.pool import read_jsonl
 from mmdc.errors import MmdcError
 from mmdc.stages.generate import DROP_REASONS
-from mmdc.toy import world
+from mmdc.toy import truth, world
 
 QUALITY_KEYS = ("n", "correct", "wrong", "ill_posed", "off_template")
 
@@ -46,7 +46,7 @@ def check_record(record: dict, scenes: dict[str, dict], answer_key: str = "answe
     (a task template, but no right option on this image) or off_template."""
     image = record.get("image")
     scene = scenes.get(image) if image else None
-    sol = world.solve(record.get("question", ""), record.get("choices") or [], scene)
+    sol = truth.solve(record.get("question", ""), record.get("choices") or [], scene)
     if sol.skill is None:
         return None, "off_template"
     if sol.answer is None:
@@ -147,7 +147,7 @@ def writing_check(model, processor, n: int = 96, seed: int = 0,
         except ValueError:
             continue
         c["parsed"] += 1
-        sol = world.solve(fields["question"], fields["choices"], scene)
+        sol = truth.solve(fields["question"], fields["choices"], scene)
         c["off_template" if sol.skill is None else "ill_posed" if sol.answer is None
           else "correct" if sol.answer == fields["answer"] else "wrong"] += 1
     return dict(c)
