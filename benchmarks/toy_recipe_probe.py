@@ -14,8 +14,9 @@ steps the held-out accuracy per skill in the stage's own terms:
     python benchmarks/toy_recipe_probe.py --role teacher --stage instruct --init DIR
 
 ``--steps S1,S2`` overrides the stages' steps (for a quick look); ``--save DIR`` keeps
-the model after the last stage run; ``--init DIR`` starts from a saved model. Nothing
-here is part of the shipped build, which runs the same stages through ``build_toy``.
+the model after the last stage run; ``--init DIR`` starts from a saved model (evaluated
+once before its first step). Nothing here is part of the shipped build, which runs the
+same stages through ``build_toy``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main() -> int:
     ap.add_argument("--save", default=None)
     ap.add_argument("--work", default="runs/probe")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lea-tokens", type=int, default=128, help="new tokens for CQM-LEA "
+                    "answers (default 128, the loop's generate.max_new_tokens; a spatial "
+                    "rationale with its answer is over 64)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,12 +150,13 @@ def main() -> int:
         def report(step, losses, stage=stage, start=start):
             if step % args.eval_every and step != stage.steps:
                 return
-            loss = sum(losses[-50:]) / len(losses[-50:])
+            loss = sum(losses[-50:]) / max(len(losses[-50:]), 1)
             line = f"step {step} loss {loss:.3f} {time.time() - start:.0f}s"
             parts = {}
             if set(stage.formats) - {"vqa"}:
                 parts = {"CQM-A": answer_accuracy(model, processor, val, "CQM-A", 8),
-                         "CQM-LEA": answer_accuracy(model, processor, val, "CQM-LEA", 64)}
+                         "CQM-LEA": answer_accuracy(model, processor, val, "CQM-LEA",
+                                                    args.lea_tokens)}
             if "vqa" in stage.formats:  # is the grounding still there?
                 parts["vqa"] = vqa_accuracy(model, processor, val)
             for name, acc in parts.items():
@@ -164,6 +169,9 @@ def main() -> int:
             model.train()
             print(line, flush=True)
 
+        if args.init and stage is stages[0]:  # the saved model before any step
+            model.eval()
+            report(0, [])
         recipe.train(model, processor, data, stage, seed=args.seed,
                      desc=f"{args.role} {stage.name}", on_step=report)
         if not build.tower_unchanged(model, tower) and not args.init:
