@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mmdc.config import GenerateConfig
 from mmdc.generation import Request, chat_text, generate
 from mmdc.prompts import build_prompt, parse_answer
 from mmdc.toy import build, models, recipe, world
@@ -95,9 +96,9 @@ def main() -> int:
     ap.add_argument("--save", default=None)
     ap.add_argument("--work", default="runs/probe")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lea-tokens", type=int, default=128, help="new tokens for CQM-LEA "
-                    "answers (default 128, the loop's generate.max_new_tokens; a spatial "
-                    "rationale with its answer is over 64)")
+    ap.add_argument("--lea-tokens", type=int, default=GenerateConfig().max_new_tokens,
+                    help="new tokens for CQM-LEA answers (default: the loop's "
+                    "generate.max_new_tokens; a spatial rationale with its answer is over 64)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,8 +151,8 @@ def main() -> int:
         def report(step, losses, stage=stage, start=start):
             if step % args.eval_every and step != stage.steps:
                 return
-            loss = sum(losses[-50:]) / max(len(losses[-50:]), 1)
-            line = f"step {step} loss {loss:.3f} {time.time() - start:.0f}s"
+            loss = f"{sum(losses[-50:]) / len(losses[-50:]):.3f}" if losses else "-"
+            line = f"step {step} loss {loss} {time.time() - start:.0f}s"
             parts = {}
             if set(stage.formats) - {"vqa"}:
                 parts = {"CQM-A": answer_accuracy(model, processor, val, "CQM-A", 8),
