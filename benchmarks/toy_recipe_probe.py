@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mmdc.config import GenerateConfig
 from mmdc.generation import Request, chat_text, generate
@@ -168,7 +169,7 @@ def main() -> int:
                          f"ill-posed {w['ill_posed']} wrong {w['wrong']} "
                          f"off {w['off_template']}")
             model.train()
-            print(line, flush=True)
+            tqdm.write(line)  # on a line of its own, above the training bar
 
         if args.init and stage is stages[0]:  # the saved model before any step
             model.eval()
