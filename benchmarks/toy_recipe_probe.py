@@ -152,6 +152,7 @@ def main() -> int:
         def report(step, losses, stage=stage, start=start):
             if step % args.eval_every and step != stage.steps:
                 return
+            model.eval()
             loss = f"{sum(losses[-50:]) / len(losses[-50:]):.3f}" if losses else "-"
             line = f"step {step} loss {loss} {time.time() - start:.0f}s"
             parts = {}
@@ -172,7 +173,6 @@ def main() -> int:
             tqdm.write(line)  # on a line of its own, above the training bar
 
         if args.init and stage is stages[0]:  # the saved model before any step
-            model.eval()
             report(0, [])
         recipe.train(model, processor, data, stage, seed=args.seed,
                      desc=f"{args.role} {stage.name}", on_step=report)
