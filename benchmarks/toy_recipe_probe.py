@@ -101,6 +101,9 @@ def main() -> int:
                     help="new tokens for CQM-LEA answers (default: the loop's "
                     "generate.max_new_tokens; a spatial rationale with its answer is over 64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed-letters", default=None, help="comma list of skills whose letter "
+                    "examples (CQM-A) come only from the seed split's instances of them "
+                    "(the task's train split, data seed --seed), e.g. compare,magnets")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -143,8 +146,17 @@ def main() -> int:
     print(f"{args.role}: {sum(p.numel() for p in model.parameters()):,} params, language "
           f"model {lm:,}", flush=True)
     val = world.sample_instances(320, recipe.ALL_SKILLS, "probe-val", args.seed, "val")
+    letters = None
+    if args.seed_letters:
+        wanted = args.seed_letters.split(",")
+        seed_split = [inst for inst, _ in world.generate_split("train", world.TaskSizes().train,
+                                                               args.seed)]
+        letters = {k: [i for i in seed_split if i.skill == k] for k in wanted}
+        print("letters from the seed split: " + ", ".join(f"{k} {len(v)}" for k, v in
+                                                          letters.items()), flush=True)
     for stage in stages:
-        data = recipe.tokenize_examples(processor, recipe.build_examples(stage, args.seed))
+        data = recipe.tokenize_examples(processor, recipe.build_examples(stage, args.seed,
+                                                                         letters))
         print(f"== {args.role} {stage.name}: {stage.steps} steps, lr {stage.lr}, formats "
               f"{stage.formats}, {len(data)} examples", flush=True)
         start = time.time()

@@ -173,6 +173,31 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
+def bomb_png(side: int = 30000) -> bytes:
+    """A real decompression bomb: a valid 1-bit greyscale PNG of side x side pixels (900
+    million at 30000), all black, about 110 KB on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)  # filter byte, then the row's bits
+    data = b"".join(z.compress(row * 1000) for _ in range(side // 1000))
+    data += z.compress(row * (side % 1000)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _bomb_in_test_split(tmp_path) -> list[str]:
+    root = _mini(tmp_path)
+    pid = _image_pid(root)
+    (root / "images" / "test" / pid / _problems(root)[pid]["image"]).write_bytes(bomb_png())
+    return eval_args(root)
+
+
 def _pool_image(tmp_path, payload: bytes) -> list[str]:
     root = _mini(tmp_path)
     (root / "pool").mkdir()
@@ -244,6 +269,14 @@ MORE_CASES = {
         ["iter_1/imitate", "nothing to train on"]),
     "pool: unreadable image file": (lambda t: _pool_image(t, b"\x89PNG not an image"),
                                     ["p0.png"]),
+    "pool: decompression bomb (30000 x 30000 PNG)": (
+        lambda t: _pool_image(t, bomb_png()), ["p0.png", "30000 x 30000",
+                                               "data.max_image_pixels"]),
+    "scienceqa: decompression bomb in the test split (30000 x 30000 PNG)": (
+        _bomb_in_test_split, ["image.png", "30000 x 30000", "data.max_image_pixels"]),
+    "scienceqa: image over a lowered data.max_image_pixels": (
+        lambda t: eval_args(_mini(t), "data.max_image_pixels=100"),
+        ["image.png", "over the limit of 100", "data.max_image_pixels"]),
     "pool: image file missing": (
         lambda t: (lambda a: ((t / "sqa" / "pool" / "p0.png").unlink(), a)[1])(
             _pool_image(t, b"")), ["p0.png"]),

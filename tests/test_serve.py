@@ -2,6 +2,7 @@
 limits, equality with the in-process backend, one calibration iteration through it, and
 a fault-injecting proxy (500s, timeouts, a dead endpoint)."""
 
+import base64
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from mmdc.prompts import build_prompt
 from mmdc.toy import world
 
 from .conftest import free_port, small_data_overrides
+from .test_bad_inputs import bomb_png
 
 TOKEN_ENV = "MMDC_TEST_SERVE_TOKEN"
 TOKEN = "s3cret-test-token-7f1c"
@@ -101,6 +103,7 @@ def _image_url(color=(255, 0, 0)):
     ("two_images", 400, "at most 1"),
     ("http_image", 400, "data: URLs"),
     ("not_an_image", 400, "not a readable image"),
+    ("decompression_bomb", 400, "30000 x 30000 pixels"),
     ("stream", 400, "streaming"),
     ("other_model", 404, "not found"),
     ("not_json", 400, "not JSON"),
@@ -113,9 +116,11 @@ def test_bad_requests_get_a_clear_4xx(server, case, status, words):
     raw = None
     if case == "oversized":
         body["messages"][0]["content"] = "x" * (1024 * 1024 + 10)
-    elif case in ("two_images", "http_image", "not_an_image"):
+    elif case in ("two_images", "http_image", "not_an_image", "decompression_bomb"):
+        bomb = "data:image/png;base64," + base64.b64encode(bomb_png()).decode()
         urls = {"two_images": [_image_url(), _image_url()],
                 "http_image": ["http://example.com/a.png"],
+                "decompression_bomb": [bomb],
                 "not_an_image": ["data:image/png;base64,aGVsbG8="]}[case]
         body["messages"][0]["content"] = [
             *({"type": "image_url", "image_url": {"url": u}} for u in urls),

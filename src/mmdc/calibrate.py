@@ -101,7 +101,8 @@ def _setup(cfg: Config) -> Loop:
     pool_images = ([r["image"] for r in read_image_pool(seed_split.root, cfg.data.pool)]
                    if cfg.data.pool else [])
     if cfg.loop.strategy != "none" and pool_images:  # a bad pool image: say so now
-        check_images(seed_split.root, pool_images, str(seed_split.root / f"{cfg.data.pool}.jsonl"))
+        check_images(seed_split.root, pool_images, str(seed_split.root / f"{cfg.data.pool}.jsonl"),
+                     cfg.data.max_image_pixels)
     if cfg.loop.strategy != "none" and not pool_images and main:
         log.warning("no unlabelled image pool (data.pool): the teacher can only write "
                     "text-only instances; seeds with an image are skipped")
@@ -109,7 +110,7 @@ def _setup(cfg: Config) -> Loop:
         from mmdc.stages.lengths import check_lengths
 
         check_lengths(cfg, seed_split, [probe, test])
-    return Loop(cfg, run_dir, state, main, seed_split, probe, test, ImageCache(seed_split.root),
+    return Loop(cfg, run_dir, state, main, seed_split, probe, test, ImageCache(seed_split.root, cfg.data.max_image_pixels),
                 pool_images, [i for i in seed_split.instances if i.answer is not None])
 
 

@@ -24,6 +24,7 @@ import os
 import sys
 
 from mmdc import commands
+from mmdc.data.images import MAX_IMAGE_PIXELS
 from mmdc.errors import MmdcError
 
 log = logging.getLogger("mmdc")
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "'Authorization: Bearer $VAR' (the token is read from this variable)")
     srv.add_argument("--max-request-mb", type=float, default=8.0, help="413 above this")
     srv.add_argument("--max-images", type=int, default=1, help="images per request")
+    srv.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                     help="400 for an image with more pixels, refused by its header "
+                     f"(default {MAX_IMAGE_PIXELS:,}; the config's data.max_image_pixels)")
     srv.add_argument("--max-batch", type=int, default=16, help="concurrent requests "
                      "generated together")
     srv.add_argument("--max-new-tokens", type=int, default=1024, help="the largest max_tokens "

@@ -91,7 +91,8 @@ def cmd_eval_open_ended(args, cfg) -> int:
     for which in args.model:
         name, mcfg = _model_cfg(cfg, which)
         cand = load_backend(mcfg)
-        scores, samples = evaluate_open_ended(cand, referee, rows, image_root)
+        scores, samples = evaluate_open_ended(cand, referee, rows, image_root,
+                                              max_pixels=cfg.data.max_image_pixels)
         write_json(out_dir / f"{name}_openended.json", scores)
         write_jsonl(out_dir / f"{name}_openended_samples.jsonl", samples)
         print(f"{name}: relative score (judge: {args.judge})\n\n{format_relative(scores)}\n")
@@ -246,7 +247,8 @@ def cmd_serve(args) -> int:
     serve(args.checkpoint, adapter=args.adapter, name=args.name, host=args.host,
           port=args.port, token=token, max_bytes=int(args.max_request_mb * 1024 * 1024),
           max_images=args.max_images, max_batch=args.max_batch,
-          max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device)
+          max_new_tokens=args.max_new_tokens, dtype=args.dtype, device=args.device,
+          max_pixels=args.max_image_pixels)
     return 0
 
 

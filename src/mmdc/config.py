@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mmdc.data.images import MAX_IMAGE_PIXELS
 from mmdc.errors import ConfigError
 
 
@@ -40,6 +41,9 @@ class DataConfig(_Section):
     probe_split: str = "val"  # assessment
     test_split: str = "test"  # held-out evaluation
     pool: str | None = "pool"  # unlabelled images for generation
+    # an image with more pixels (width x height) is refused by its header, before it is
+    # decoded (a decompression bomb: a few KB on disk, gigabytes in memory); null: no limit
+    max_image_pixels: int | None = Field(MAX_IMAGE_PIXELS, ge=1)
     synth: SynthConfig = SynthConfig()
 
 

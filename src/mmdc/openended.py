@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmdc.data.images import load_image
+from mmdc.data.images import MAX_IMAGE_PIXELS, load_image
 from mmdc.data.pool import read_jsonl
 from mmdc.errors import DataError
 from mmdc.generation import Request
@@ -63,8 +63,9 @@ def relative_scores(rows: list[dict], pairs: list[tuple[float, float] | None]) -
 
 
 def evaluate_open_ended(candidate, judge_referee, rows: list[dict], image_root: str | Path,
-                        max_new_tokens: int = 128, batch_size: int = 16) -> tuple[dict, list[dict]]:
-    images = [load_image(image_root, r["image"], f"question {r['question_id']!r}")
+                        max_new_tokens: int = 128, batch_size: int = 16,
+                        max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[dict, list[dict]]:
+    images = [load_image(image_root, r["image"], f"question {r['question_id']!r}", max_pixels)
               if r.get("image") else None for r in rows]
     answers = candidate.generate([Request(r["text"], img) for r, img in zip(rows, images)],
                                  max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -28,6 +28,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from mmdc.data.images import MAX_IMAGE_PIXELS, open_checked
 from mmdc.errors import MmdcError
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class RequestError(MmdcError):
         self.kind = kind
 
 
-def decode_image(url: str, n: int):
-    from PIL import Image, UnidentifiedImageError
+def decode_image(url: str, n: int, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    from PIL import UnidentifiedImageError
+
+    from mmdc.errors import DataError
 
     if not url.startswith("data:") or "," not in url:
         raise RequestError(400, f"image {n}: only base64 data: URLs are accepted "
@@ -55,16 +58,20 @@ def decode_image(url: str, n: int):
         raise RequestError(400, f"image {n}: the data URL is not base64-encoded")
     try:
         raw = base64.b64decode(payload, validate=True)
-        img = Image.open(io.BytesIO(raw))
+        img = open_checked(io.BytesIO(raw), f"image {n}", max_pixels)
         img.load()
     except (binascii.Error, ValueError):
         raise RequestError(400, f"image {n}: invalid base64") from None
+    except DataError as exc:  # over the pixel limit, refused by its header
+        raise RequestError(400, str(exc).replace("data.max_image_pixels",
+                                                 "--max-image-pixels")) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise RequestError(400, f"image {n}: not a readable image ({exc})") from None
     return img.convert("RGB")
 
 
-def to_template_messages(messages, max_images: int) -> tuple[list[dict], list]:
+def to_template_messages(messages, max_images: int,
+                         max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[list[dict], list]:
     """OpenAI chat messages -> the processor's chat-template messages and the images."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages: a non-empty list is required")
@@ -99,7 +106,7 @@ def to_template_messages(messages, max_images: int) -> tuple[list[dict], list]:
             raise RequestError(400, f"messages[{k}].content: a string or a list of parts "
                                     "is required")
         out.append({"role": m["role"], "content": parts})
-    return out, [decode_image(u, n + 1) for n, u in enumerate(images)]
+    return out, [decode_image(u, n + 1, max_pixels) for n, u in enumerate(images)]
 
 
 @dataclass
@@ -175,7 +182,8 @@ class Batcher:
 
 def create_app(loaded, *, name: str, token: str | None = None,
                max_bytes: int = DEFAULT_MAX_BYTES, max_images: int = 1,
-               max_new_tokens: int = 1024, max_batch: int = 16):
+               max_new_tokens: int = 1024, max_batch: int = 16,
+               max_pixels: int | None = MAX_IMAGE_PIXELS):
     """The FastAPI application serving ``loaded`` (a :class:`~mmdc.models.load.Loaded`)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -254,7 +262,7 @@ def create_app(loaded, *, name: str, token: str | None = None,
             return error(400, f"max_tokens: {want} is over this server's limit of "
                               f"{max_new_tokens}")
         try:
-            messages, images = to_template_messages(req.messages, max_images)
+            messages, images = to_template_messages(req.messages, max_images, max_pixels)
             text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                         tokenize=False)
         except RequestError as exc:
@@ -282,7 +290,8 @@ def create_app(loaded, *, name: str, token: str | None = None,
 def serve(path: str, *, adapter: str | None = None, name: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_bytes: int = DEFAULT_MAX_BYTES, max_images: int = 1, max_batch: int = 16,
-          max_new_tokens: int = 1024, dtype: str = "float32", device: str = "auto") -> None:
+          max_new_tokens: int = 1024, dtype: str = "float32", device: str = "auto",
+          max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
     try:
         import uvicorn
     except ImportError:
@@ -292,7 +301,8 @@ def serve(path: str, *, adapter: str | None = None, name: str | None = None,
     loaded = load_model(path, adapter=adapter, dtype=dtype, device=device)
     name = name or path
     app = create_app(loaded, name=name, token=token, max_bytes=max_bytes,
-                     max_images=max_images, max_batch=max_batch, max_new_tokens=max_new_tokens)
+                     max_images=max_images, max_batch=max_batch, max_new_tokens=max_new_tokens,
+                     max_pixels=max_pixels)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who can reach it can use it", host)
     import sys

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmdc.data.images import ImageCache
+from mmdc.data.images import MAX_IMAGE_PIXELS, ImageCache
 from mmdc.data.pool import read_jsonl, write_json, write_jsonl
 from mmdc.data.record import Instance
 from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf, write_scienceqa
@@ -33,10 +33,11 @@ class Split:
     root: Path
     instances: list[Instance]
     _images: ImageCache | None = field(default=None, repr=False)
+    max_pixels: int | None = MAX_IMAGE_PIXELS  # data.max_image_pixels
 
     def image(self, inst: Instance) -> Image.Image | None:
         if self._images is None:
-            self._images = ImageCache(self.root)
+            self._images = ImageCache(self.root, self.max_pixels)
         return self._images(inst.image, f"{self.root} (id {inst.id!r})")
 
     def load_images(self) -> None:
@@ -103,6 +104,12 @@ def load_split_collective(data_cfg, split: str, cache_dir: str | Path | None = N
 
 
 def load_split(data_cfg, split: str, cache_dir: str | Path | None = None) -> Split:
+    loaded = _read_split(data_cfg, split, cache_dir)
+    loaded.max_pixels = data_cfg.max_image_pixels
+    return loaded
+
+
+def _read_split(data_cfg, split: str, cache_dir: str | Path | None) -> Split:
     fmt = data_cfg.format
     root = Path(data_cfg.root)
     if fmt == "synthetic":
@@ -113,7 +120,8 @@ def load_split(data_cfg, split: str, cache_dir: str | Path | None = None) -> Spl
     if fmt == "scienceqa_hf":
         key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
         image_dir = Path(cache_dir or Path.home() / ".cache" / "mmdc" / "images") / key
-        return Split(split, image_dir, read_scienceqa_hf(root, split, image_dir))
+        return Split(split, image_dir, read_scienceqa_hf(root, split, image_dir,
+                                                         data_cfg.max_image_pixels))
     if fmt == "llava":
         from mmdc.data.llava import read_llava_json
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mmdc.data.images import resolve_image
+from mmdc.data.images import MAX_IMAGE_PIXELS, open_checked, resolve_image
 from mmdc.data.pool import write_json
 from mmdc.data.record import Instance
 from mmdc.errors import DataError
@@ -178,9 +178,11 @@ def _load_hf(path: Path, split: str):
     return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
 
 
-def read_scienceqa_hf(path: str | Path, split: str, image_dir: str | Path) -> list[Instance]:
+def read_scienceqa_hf(path: str | Path, split: str, image_dir: str | Path,
+                      max_pixels: int | None = MAX_IMAGE_PIXELS) -> list[Instance]:
     """Read the Hugging Face column layout; embedded images are saved under
-    ``image_dir/<split>/<row>.png`` (once) and referenced relative to ``image_dir``."""
+    ``image_dir/<split>/<row>.png`` (once) and referenced relative to ``image_dir``; one
+    with more than ``max_pixels`` pixels is refused before it is decoded."""
     path, image_dir = Path(path), Path(image_dir)
     ds = _load_hf(path, split)
     if len(ds) == 0:
@@ -201,7 +203,8 @@ def read_scienceqa_hf(path: str | Path, split: str, image_dir: str | Path) -> li
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if isinstance(image, dict):  # undecoded {"bytes", "path"}
                     import io
-                    image = Image.open(io.BytesIO(image["bytes"]))
+                    image = open_checked(io.BytesIO(image["bytes"]), f"{where}: image",
+                                         max_pixels)
                 image.convert("RGB").save(target)
             inst.image = rel
         out.append(inst)

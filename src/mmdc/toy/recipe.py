@@ -112,16 +112,25 @@ def _written_example(seed: Instance, rng: random.Random, i: int) -> Example:
     return Example(build_write_prompt(seed, mode), scene, format_written(new))
 
 
-def build_examples(stage: Stage, seed: int = 0) -> list[Example]:
-    """The stage's examples, drawn from the world (deterministic for a seed)."""
+def build_examples(stage: Stage, seed: int = 0,
+                   letters: dict[str, list[Instance]] | None = None) -> list[Example]:
+    """The stage's examples, drawn from the world (deterministic for a seed).
+
+    ``letters`` maps a skill to a fixed set of instances: that skill's letter examples
+    (``cqm-a``) then cycle through the set instead of fresh draws, as a model whose direct
+    answers for the skill were fine-tuned on a small seed split only."""
     instances = world.sample_instances(stage.examples, stage.skills, f"recipe-{stage.name}",
                                        seed)
     rng = random.Random(f"mmdc-recipe-{stage.name}-{seed}")
     names = list(stage.formats)
     weights = [stage.formats[k] for k in names]
     examples = []
+    used = dict.fromkeys(letters or {}, 0)
     for i, inst in enumerate(instances):
         fmt = rng.choices(names, weights)[0]
+        if fmt == "cqm-a" and inst.skill in used:
+            inst = letters[inst.skill][used[inst.skill] % len(letters[inst.skill])]
+            used[inst.skill] += 1
         scene = inst.meta.get("scene")
         if fmt == "write":
             examples.append(_written_example(inst, rng, i))
