@@ -26,6 +26,20 @@ def _split_config_args(args) -> tuple[str | None, list[str]]:
     return (configs[0] if configs else None), overrides
 
 
+def _inside(path, run_dir) -> bool:
+    return Path(path).resolve().is_relative_to(Path(run_dir).resolve())
+
+
+def _owning(run_dir, args, writes: bool = True):
+    """Hold ``run_dir`` for this command while it writes there (see :mod:`mmdc.runlock`);
+    a command that writes elsewhere holds nothing."""
+    from contextlib import nullcontext
+
+    from mmdc.runlock import hold
+
+    return hold(run_dir, f"mmdc {args.command}") if writes else nullcontext()
+
+
 def _load_cfg(args):
     from mmdc.config import load_config
 
@@ -101,6 +115,15 @@ def cmd_eval_open_ended(args, cfg) -> int:
 
 
 def cmd_eval(args) -> int:
+    cfg = _load_cfg(args)
+    out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
+    with _owning(cfg.run_dir, args, _inside(out_dir, cfg.run_dir)):
+        if args.questions:
+            return cmd_eval_open_ended(args, cfg)
+        return _evaluate(args, cfg, out_dir)
+
+
+def _evaluate(args, cfg, out_dir: Path) -> int:
     from mmdc import distributed
     from mmdc.config import save_resolved
     from mmdc.data.load import load_split_collective
@@ -108,13 +131,9 @@ def cmd_eval(args) -> int:
     from mmdc.evaluation import evaluate, format_columns, format_skills
     from mmdc.models.backends import load_backend
 
-    cfg = _load_cfg(args)
-    if args.questions:
-        return cmd_eval_open_ended(args, cfg)
     split_name = args.split or cfg.data.test_split
     split = load_split_collective(cfg.data, split_name)
     split.load_images()
-    out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
     main = distributed.is_main()
     if main:
         ensure_dir(out_dir, "--out" if args.out else "run_dir")
@@ -174,14 +193,21 @@ def cmd_models_info(args) -> int:
 def cmd_align(args) -> int:
     from mmdc import distributed
     from mmdc.config import save_resolved
-    from mmdc.data.pool import ensure_dir, write_json
-    from mmdc.stages.align import run_align
 
     cfg = _load_cfg(args)
     run_dir = Path(cfg.run_dir)
-    if distributed.is_main():
-        ensure_dir(run_dir, "run_dir")
-        save_resolved(cfg, run_dir)
+    with _owning(run_dir, args):
+        if distributed.is_main():
+            save_resolved(cfg, run_dir)
+        _align_roles(cfg, run_dir)
+    return 0
+
+
+def _align_roles(cfg, run_dir: Path) -> None:
+    from mmdc import distributed
+    from mmdc.data.pool import write_json
+    from mmdc.stages.align import run_align
+
     for role in cfg.align.roles:
         out = run_dir / "align" / role
         summary = run_align(cfg, role, out)
@@ -190,7 +216,6 @@ def cmd_align(args) -> int:
             print(f"aligned {role}: {summary['instances']} instances, {summary['steps']} "
                   f"steps, final loss {summary['losses'][-1]:.4f} -> {summary['adapter']}")
     distributed.barrier()
-    return 0
 
 
 def cmd_run(args) -> int:
@@ -200,7 +225,8 @@ def cmd_run(args) -> int:
     cfg = _load_cfg(args)
     if getattr(args, "resume", False) and not (Path(cfg.run_dir) / "state.json").is_file():
         raise MmdcError(f"{cfg.run_dir}: nothing to resume (no state.json); run without --resume")
-    run_dir = run(cfg)
+    with _owning(cfg.run_dir, args):
+        run_dir = run(cfg)
     if distributed.is_main():
         from mmdc.report import narrative_text
 
@@ -218,7 +244,9 @@ def cmd_report(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    print(write_report(run_dir, cfg.loop.iterations).read_text(encoding="utf-8"))
+    with _owning(run_dir, args):
+        report = write_report(run_dir, cfg.loop.iterations)
+    print(report.read_text(encoding="utf-8"))
     return 0
 
 
@@ -232,7 +260,8 @@ def cmd_export(args) -> int:
 
     ensure_dir(args.out, "--out")
     try:
-        out = export_student(run_dir, Path(args.out))
+        with _owning(run_dir, args, _inside(args.out, run_dir)):
+            out = export_student(run_dir, Path(args.out))
     except FileNotFoundError as exc:
         raise MmdcError(str(exc)) from None
     print(f"exported the merged student to {out} (loads with AutoModelForImageTextToText)")
