@@ -18,15 +18,20 @@ ACCELERATE_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "acceler
     "*.yaml"))
 
 
-def one_and_two_ranks(command: str, tmp_path: Path, args: list[str]) -> str:
+def one_and_two_ranks(command: str, tmp_path: Path, args: list[str],
+                      accelerate_config: Path | None = None) -> str:
     """Run ``mmdc COMMAND`` in one process (run_dir one/) and over 2 CPU ranks with gloo
-    (run_dir two/); returns the 2-rank run's stdout."""
+    (run_dir two/: torchrun, or accelerate launch with ``accelerate_config``); returns the
+    2-rank run's stdout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    launch = {"one": [sys.executable, "-m", "mmdc"],
-              "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                      "--master_port", str(free_port()), "-m", "mmdc"]}
+    two = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(accelerate_config), "--main_process_port", str(free_port())]
+           if accelerate_config else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port())])
+    launch = {"one": [sys.executable, "-m", "mmdc"], "two": [*two, "-m", "mmdc"]}
     out = {}
     for name, prefix in launch.items():
         got = subprocess.run([*prefix, command, f"run_dir={tmp_path / name}", *args], env=env,
@@ -41,12 +46,29 @@ def files(run_dir: Path) -> list[str]:
                   for p in run_dir.rglob("*") if p.is_file())
 
 
-def test_align_on_two_processes_matches_one(synth_root, tmp_path):
+def _fsdp_on_cpu(tmp_path: Path) -> Path:
+    """The shipped FSDP config on 2 CPU ranks: accelerate refuses sync_module_states on a
+    CPU ("parameter initialization with sync_module_states=True is not supported on
+    cpu"), and every rank loads the same checkpoint, so there is nothing to sync."""
+    import yaml
+
+    cfg = yaml.safe_load((ACCELERATE_CONFIGS[0].parent / "fsdp.yaml").read_text())
+    cfg.update(use_cpu=True, num_processes=2)
+    cfg["fsdp_config"].update(fsdp_sync_module_states=False,
+                              fsdp_cpu_ram_efficient_loading=False)
+    path = tmp_path / "fsdp_cpu.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("launcher", ["torchrun (DDP)", "accelerate (FSDP)"])
+def test_align_on_two_processes_matches_one(synth_root, tmp_path, launcher):
     from safetensors.torch import load_file
 
     args = [f"data.root={synth_root}", *small_data_overrides(synth_root)[1:],
             "align.train.max_steps=4", "align.train.batch_size=8", "align.train.logging_steps=1"]
-    stdout = one_and_two_ranks("align", tmp_path, args)
+    stdout = one_and_two_ranks("align", tmp_path, args,
+                               _fsdp_on_cpu(tmp_path) if "FSDP" in launcher else None)
     assert stdout.count("aligned student") == 1  # rank 0 reports, once
     a = load_file(tmp_path / "one/align/student/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "two/align/student/adapter/adapter_model.safetensors")
@@ -92,6 +114,11 @@ def test_run_on_two_processes_writes_the_one_process_run_folder(synth_root, tmp_
         rel = path.relative_to(tmp_path / "one")
         if path.suffix == ".jsonl":
             assert text("one", rel) == text("two", rel), rel
+        elif rel.name == "state.json":  # the same steps and files; weights differ in bits
+            one, two = (json.loads(text(r, rel)) for r in ("one", "two"))
+            assert one["done"] == two["done"]
+            assert {s: sorted(f) for s, f in one["files"].items()} == {
+                s: sorted(f) for s, f in two["files"].items()}
         elif path.suffix == ".json" and rel.name != "adapter_config.json":
             one = json.loads(text("one", rel))
             tol = 1e-5

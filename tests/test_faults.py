@@ -75,9 +75,10 @@ def test_killed_at_twelve_points_resumes_to_the_uninterrupted_result(tmp_path, a
     assert not (killed / "cache").exists()  # journals are gone once their steps finished
 
 
-def test_truncated_files_are_recovered_or_reported(tmp_path, args):
-    """A pool cut mid-line (a crash while appending) loses that line with a warning; an
-    adapter cut short is a one-line error naming it, and nothing already written is lost."""
+def test_truncated_files_of_finished_steps_are_redone(tmp_path, args):
+    """A finished step's JSONL cut mid-line and its adapter cut short are damage, not a
+    crash mid-append (those files are written whole and renamed): the steps that wrote
+    them are redone in their place, each named in a warning, and the run goes on."""
     one = [a if a != "loop.iterations=2" else "loop.iterations=1" for a in args]
     run_dir = tmp_path / "run"
     assert _run(run_dir, one).returncode == 0
@@ -88,14 +89,14 @@ def test_truncated_files_are_recovered_or_reported(tmp_path, args):
     adapter.write_bytes(adapter.read_bytes()[:200])
     before = json.loads((run_dir / "state.json").read_text())["done"]
     got = _run(run_dir, args)  # iteration 2 continues from the iteration-1 adapter
-    assert got.returncode == 2
-    err = got.stderr.strip().splitlines()
-    assert err[-1].startswith("mmdc: error:") and "student_adapter: unreadable adapter" in err[-1]
-    assert "Traceback" not in got.stderr
+    assert got.returncode == 0, got.stderr[-2000:]
+    for step, name in (("iter_1/teacher_answers", "teacher_answers.jsonl"),
+                       ("iter_1/imitate", "adapter_model.safetensors")):
+        assert any(name in line and f"{step} is redone" in line
+                   for line in got.stderr.splitlines()), (step, got.stderr[-2000:])
     after = json.loads((run_dir / "state.json").read_text())["done"]
-    assert after[: len(before)] == before  # iteration 2 stops at its first use of it
-    for name in ("metrics.json", "generated_accepted.jsonl", "imitate.json"):
-        assert (run_dir / "iter_1" / name).is_file()
+    assert after[: len(before)] == before and after[-1] == "iter_2/evaluate"
+    assert pool.read_text() == text
 
 
 def test_a_torn_pool_line_is_dropped_with_a_warning(tmp_path):

@@ -201,6 +201,21 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
     assert (run_dir / "report.md").is_file()
 
 
+def test_plots_on_a_fresh_machine_print_nothing_of_their_own(finished_run, tmp_path):
+    """matplotlib's first plot on a machine builds its font cache and logs "generated new
+    fontManager"; the terminal keeps to our bars and lines."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir, _ = finished_run
+    env = dict(os.environ, MPLCONFIGDIR=str(tmp_path / "mpl"))  # no font cache yet
+    got = subprocess.run([sys.executable, "-m", "mmdc", "report", str(run_dir)], env=env,
+                         capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert (tmp_path / "mpl").is_dir() and got.stderr.strip() == "", got.stderr
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_killed_during_iteration_2_then_resume(tmp_path, sig):
     """Kill the run in iteration 2 (SIGKILL: no cleanup at all; SIGTERM: a clean one-line

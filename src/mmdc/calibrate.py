@@ -93,6 +93,10 @@ def _setup(cfg: Config) -> Loop:
     check_resumable(cfg, run_dir)  # the config and every model the finished steps used
     state = RunState(run_dir)
     state.check_models(model_fingerprints(cfg))
+    # a finished step whose files were damaged since is redone in its place
+    state.redo_damaged(distributed.broadcast(state.check_files() if main else None), main)
+    if main:
+        state.watch()
     if main:
         save_resolved(cfg, run_dir)
     seed_split = load_split_collective(cfg.data, cfg.data.seed_split)

@@ -54,8 +54,10 @@ def setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter())
     logging.basicConfig(level=level, handlers=[handler])
-    # absl: rouge_score says "Using default tokenizer." each time a scorer is made
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "absl"):
+    # absl: rouge_score says "Using default tokenizer." each time a scorer is made;
+    # matplotlib: "generated new fontManager" the first time it plots on a machine
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "absl",
+                  "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging

@@ -239,12 +239,18 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from mmdc.config import load_config
     from mmdc.report import write_report
+    from mmdc.runstate import RunState
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     with _owning(run_dir, args):
+        damaged = RunState(run_dir).check_files()
+        if damaged:
+            step, what = next(iter(damaged.items()))
+            raise MmdcError(f"{what[0]}: damaged since {step} wrote it; rerun the run on this "
+                            f"folder (mmdc run, the same config) to redo {step}, then report")
         report = write_report(run_dir, cfg.loop.iterations)
     print(report.read_text(encoding="utf-8"))
     return 0

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mmdc.data.load import load_split
-from mmdc.data.pool import write_json, write_text_atomic
+from mmdc.data.pool import read_json, write_json, write_text_atomic
 from mmdc.errors import MmdcError
 from mmdc.evaluation import format_columns, format_skills
 from mmdc.stages.generate import DROP_REASONS
@@ -15,7 +14,7 @@ from mmdc.toy.diagnostics import format_diagnostics
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _avg(scores: dict) -> float:
@@ -129,11 +128,11 @@ def write_report(run_dir: Path, iterations: int) -> Path:
         it = run_dir / f"iter_{k}"
         if not (it / "metrics.json").is_file():
             break
-        m = json.loads((it / "metrics.json").read_text())
+        m = read_json(it / "metrics.json")
         for role in ("teacher", "student"):
             cols[f"{role} (iter {k})"] = m[role]["columns"]
             skills[f"{role} (iter {k})"] = m[role]["skills"]
-        rep = json.loads((it / "generation_report.json").read_text())
+        rep = read_json(it / "generation_report.json")
         gen.append(f"| {k} | {rep.get('asked', 0)} | {rep.get('accepted', 0)} | " + " | ".join(
             str(rep.get("dropped", {}).get(r, 0)) for r in
             DROP_REASONS) + " |")
@@ -197,8 +196,8 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
         if not (it / "metrics.json").is_file():
             break
         its.append(k)
-        metrics.append(json.loads((it / "metrics.json").read_text()))
-        rep = json.loads((it / "generation_report.json").read_text())
+        metrics.append(read_json(it / "metrics.json"))
+        rep = read_json(it / "generation_report.json")
         for skill, outcomes in rep.get("per_skill", {}).items():
             acc = per_skill_gen.setdefault(skill, {"accepted": 0, "dropped": 0})
             for outcome, n in outcomes.items():

@@ -93,6 +93,7 @@ def hold(run_dir: str | Path, command: str):
     from mmdc.data.pool import ensure_dir
 
     fd, error = None, None
+    created = not Path(run_dir).exists()  # removed again if nothing is written there
     if distributed.is_main():
         try:
             run_dir = ensure_dir(run_dir, "run_dir")
@@ -109,3 +110,5 @@ def hold(run_dir: str | Path, command: str):
     finally:
         if distributed.is_main():
             release(Path(run_dir), fd)
+            if created and fd is not None and not any(Path(run_dir).iterdir()):
+                Path(run_dir).rmdir()  # a command refused at start-up leaves no folder

@@ -1,23 +1,27 @@
 """A run folder's record of itself, and what a resume must check before it trusts it.
 
-``state.json`` lists the finished steps (a rerun skips them and reads their artifacts back)
-and the fingerprints of the model folders and adapters the run uses: a resume refuses,
-touching nothing, when the config (:func:`check_resumable`) or a model
-(:meth:`RunState.check_models`) differs from what the finished steps ran with, since their
-results would otherwise be mixed with the new ones.
+``state.json`` lists the finished steps (a rerun skips them and reads their artifacts back),
+the fingerprints of the model folders and adapters the run uses, and those of every file
+each finished step wrote. A resume refuses, touching nothing, when the config
+(:func:`check_resumable`) or a model (:meth:`RunState.check_models`) differs from what the
+finished steps ran with, since their results would otherwise be mixed with the new ones,
+and when ``state.json`` itself is damaged. A finished step whose files were damaged since
+(truncated, emptied, overwritten, removed: :meth:`RunState.check_files`) is redone, in its
+place in the run, and must give back the files it gave the first time, which the steps
+after it used: every step is deterministic, so the resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from mmdc.config import Config
-from mmdc.data.pool import write_json
-from mmdc.errors import ConfigError
+from mmdc.data.pool import read_json, write_json
+from mmdc.errors import ConfigError, DataError, MmdcError
 
 log = logging.getLogger("mmdc.calibrate")
 
@@ -83,18 +87,128 @@ def _what_changed(old: dict, new: dict) -> str:
     return f"{new.get('path')}: {'; '.join(parts)}"
 
 
+class RunFolderDamaged(MmdcError):
+    """A run folder's record or a finished step's files cannot be trusted."""
+
+
+# What no step's record covers: the record itself, what is rewritten at every start
+# (config.yaml) or end (the report and its plots), the hold, and the caches and logs
+# (journals and served answers check themselves; TensorBoard's are not read back).
+UNRECORDED = ("state.json", "config.yaml", "report.md", "report.json", ".mmdc.lock", "cache",
+              "tensorboard", "eval")
+
+
+def _scan(run_dir: Path) -> dict[str, tuple]:
+    """Every recorded-kind file of the run folder -> (size, mtime, inode): what changed
+    between two scans (an atomic rewrite always brings a new inode)."""
+    out = {}
+    for top, dirs, files in os.walk(run_dir):
+        rel_top = Path(top).relative_to(run_dir)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and
+                   (rel_top.parts or d not in UNRECORDED)]
+        for name in files:
+            rel = (rel_top / name).as_posix()
+            if name.startswith(".") or (not rel_top.parts and (
+                    name in UNRECORDED or name.endswith(".png"))):
+                continue
+            st = os.stat(Path(top) / name)
+            out[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def _read_state(path: Path) -> dict:
+    """``state.json``, checked for its shape; damaged, it is a one-line refusal."""
+    try:
+        saved = read_json(path)
+        problem = ("'done' is not a list of step names" if not isinstance(
+            saved.get("done"), list) or not all(isinstance(s, str) for s in saved["done"])
+            else "'models' is not an object" if not isinstance(saved.get("models", {}), dict)
+            else "'files' is not an object of objects" if not isinstance(
+                saved.get("files", {}), dict) or not all(
+                isinstance(v, dict) for v in saved.get("files", {}).values())
+            else None)
+    except DataError as exc:
+        problem = str(exc).removeprefix(f"{path}: ")
+    if problem:
+        raise RunFolderDamaged(
+            f"{path}: damaged ({problem}); it lists the run's finished steps, so the run "
+            f"cannot go on from this folder: start afresh with another run_dir (or delete "
+            f"{path.parent})")
+    return saved
+
+
 class RunState:
-    """The finished steps of a run folder (``state.json``) and the model fingerprints they
-    ran with."""
+    """The finished steps of a run folder (``state.json``), the model fingerprints they
+    ran with and the files each wrote."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "state.json"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "state.json"
         self.done: list[str] = []
         self.models: dict = {}
+        self.files: dict[str, dict[str, str]] = {}  # step -> its files' fingerprints
+        self.redo: set[str] = set()  # finished steps whose files were damaged since
+        self._seen: dict | None = None
         if self.path.is_file():
-            saved = json.loads(self.path.read_text())
+            saved = _read_state(self.path)
             self.done, self.models = saved["done"], saved.get("models", {})
+            self.files = saved.get("files", {})
         self.clock = time.monotonic()
+
+    def watch(self) -> None:
+        """Note the folder's files now: what changes from here on is the next step's."""
+        self._seen = _scan(self.run_dir)
+
+    def check_files(self) -> dict[str, list[str]]:
+        """The finished steps whose recorded files are damaged or gone, with how."""
+        damaged: dict[str, list[str]] = {}
+        for step in self.done:
+            for rel, want in sorted(self.files.get(step, {}).items()):
+                path = self.run_dir / rel
+                have = file_fingerprint(path) if path.is_file() else None
+                if have != want:
+                    size = want.split(":")[0]
+                    how = ("gone" if have is None else f"{have.split(':')[0]} bytes, was "
+                           f"{size}" if have.split(":")[0] != size else "its bytes changed")
+                    damaged.setdefault(step, []).append(f"{path} ({how})")
+        return damaged
+
+    def redo_damaged(self, damaged: dict[str, list[str]], main: bool) -> None:
+        """Mark the damaged steps to be redone in their place (the damaged files removed,
+        so that no step reads them back as a cache)."""
+        for step, what in damaged.items():
+            log.warning("%s: damaged since %s wrote it: %s is redone (the steps after it "
+                        "keep their results)", "; ".join(what), step, step)
+            if main:
+                for rel, want in self.files[step].items():
+                    path = self.run_dir / rel
+                    if path.is_file() and file_fingerprint(path) != want:
+                        path.unlink()
+        self.redo = set(damaged)
+
+    def _record(self, step: str) -> None:
+        """The files that changed since the last look are ``step``'s (a file rewritten by
+        a later step is that step's). A redone step must give back its first files when
+        steps after it used them."""
+        now = _scan(self.run_dir)
+        seen = self._seen if self._seen is not None else {}
+        new = {rel: file_fingerprint(self.run_dir / rel) for rel, st in sorted(now.items())
+               if seen.get(rel) != st}
+        self._seen = now
+        first = dict(self.files.get(step, {}))
+        for files in self.files.values():
+            for rel in new:
+                files.pop(rel, None)
+        if step in self.redo and first:
+            differ = sorted(rel for rel in new if first.get(rel) != new[rel])
+            later = self.done[self.done.index(step) + 1:]
+            if differ and later:
+                raise RunFolderDamaged(
+                    f"{self.run_dir}: {step} was redone for its damaged files but gave other "
+                    f"ones ({', '.join(differ[:3])}) than those the steps after it "
+                    f"({later[0]}, ...) used; start afresh with another run_dir")
+            new = {**first, **new}
+        self.files[step] = new
 
     def check_models(self, models: dict) -> None:
         """Refuse (touching nothing) when a model or adapter the finished steps used has
@@ -113,7 +227,7 @@ class RunState:
         self.models = models
 
     def __contains__(self, step: str) -> bool:
-        return step in self.done
+        return step in self.done and step not in self.redo
 
     def mark(self, step: str, summary: str = "") -> None:
         """Record a finished step and say in one line what it did. Under several processes
@@ -123,9 +237,15 @@ class RunState:
         from mmdc import distributed
         from mmdc.faults import maybe_fail
 
-        self.done.append(step)
         if distributed.is_main():
-            write_json(self.path, {"done": self.done, "last": step, "models": self.models})
+            self._record(step)
+        if step in self.redo:  # in its place among the finished steps
+            self.redo.discard(step)
+        else:
+            self.done.append(step)
+        if distributed.is_main():
+            write_json(self.path, {"done": self.done, "last": self.done[-1], "models": self.models,
+                                   "files": self.files})
             took = time.monotonic() - self.clock
             log.info("%s done%s (%.0f s)", step, f": {summary}" if summary else "", took)
             journal = journal_path(self.path.parent, step)

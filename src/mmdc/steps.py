@@ -89,8 +89,9 @@ def step_align(loop: Loop, role: str) -> str:
     from mmdc.stages.align import run_align
 
     summary = run_align(loop.cfg, role, loop.run_dir / "align" / role)
-    if loop.main:
-        write_json(loop.run_dir / "align" / role / "metrics.json", summary)
+    if loop.main:  # the adapter named within the run folder, which may move
+        write_json(loop.run_dir / "align" / role / "metrics.json",
+                   {**summary, "adapter": f"align/{role}/adapter"})
     return (f"{role} LoRA-aligned on {summary['instances']} instances, "
             + loss_words(summary["losses"]))
 

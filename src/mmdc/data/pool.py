@@ -100,10 +100,34 @@ def write_pool(path: str | Path, instances: Iterable[Instance]) -> Path:
     return write_jsonl(path, (inst.to_dict() for inst in instances))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_json(path: str | Path, expect: type | None = dict):
+    """Read a JSON file; a missing, empty, non-UTF-8 or malformed file, or one whose top
+    level is not ``expect``, is a :class:`DataError` naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON ({exc.msg}, line {exc.lineno})") from None
+    if expect is not None and not isinstance(obj, expect):
+        kinds = {dict: "an object", list: "a list"}
+        raise DataError(f"{path}: expected {kinds.get(expect, expect.__name__)} at the top "
+                        f"level, got {type(obj).__name__}")
+    return obj
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
     """Read a JSONL file. A malformed line is an error naming the file and line, except a
     *partial last line* (malformed and not newline-terminated, as a crash mid-append leaves
-    it), which is dropped with a warning so that a resumed run can go on."""
+    it), which is dropped with a warning so that a resumed run can go on. ``skip_bad``:
+    every malformed line is dropped with one warning (a cache that can do without it)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -113,17 +137,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
     lines = text.splitlines()
+    bad = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
+            if skip_bad:
+                bad.append(n)
+                continue
             if n == len(lines) and not text.endswith("\n"):
                 log.warning("%s, line %d: dropping a partial last line (%d bytes; %s), as a "
                             "crash during a write leaves it", path, n, len(line), exc.msg)
                 break
             raise DataError(f"{path}, line {n}: malformed JSON ({exc.msg})") from None
+    if bad:
+        log.warning("%s: dropping %d malformed line(s) (line %s%s)", path, len(bad), bad[0],
+                    " and more" if len(bad) > 1 else "")
     return rows
 
 

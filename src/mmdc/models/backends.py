@@ -50,7 +50,8 @@ def chat_messages(prompt: str, image_url: str | None) -> list[dict]:
 
 class ResponseCache:
     """Append-only JSONL of ``{"key", "text"}``; a torn last line (a kill mid-write) is
-    ignored. Thread-safe."""
+    ignored, and so, with a warning, are damaged lines: their requests are asked again.
+    Thread-safe."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -60,7 +61,13 @@ class ResponseCache:
         if self.path.is_file():
             from mmdc.data.pool import read_jsonl
 
-            for row in read_jsonl(self.path):
+            rows = read_jsonl(self.path, skip_bad=True)
+            good = [r for r in rows if isinstance(r, dict) and isinstance(r.get("key"), str)
+                    and isinstance(r.get("text"), str)]
+            if len(good) < len(rows):
+                log.warning("%s: %d answer(s) without a key and a text dropped; their "
+                            "requests are asked again", self.path, len(rows) - len(good))
+            for row in good:
                 self._data[row["key"]] = row["text"]
 
     def get(self, key: str) -> str | None:
@@ -308,12 +315,33 @@ class Journaled:
     def __getattr__(self, attr):
         return getattr(self.inner, attr)
 
-    def _entries(self, call: str) -> dict[int, dict]:
+    def _entries(self, call: str, plan: list[list[int]]) -> dict[int, dict]:
+        """This call's journaled batches. A damaged journal (malformed, or an entry not as
+        written) is dropped with a warning: the step then generates from its start,
+        exactly as an uninterrupted run does."""
         if not self.path.is_file():
             return {}
         from mmdc.data.pool import read_jsonl
+        from mmdc.errors import DataError
 
-        return {e["batch"]: e for e in read_jsonl(self.path) if e.get("call") == call}
+        try:
+            entries = {}
+            for e in read_jsonl(self.path):
+                if e.get("call") != call:
+                    continue
+                b = e["batch"]
+                if not (0 <= b < len(plan) and len(e["outputs"]) == len(plan[b])
+                        and all(isinstance(t, str) for t in e["outputs"])
+                        and isinstance(e["rng"]["cpu"], str)):
+                    raise ValueError(f"batch {b} is not as written")
+                base64.b64decode(e["rng"]["cpu"], validate=True)
+                entries[b] = e
+            return entries
+        except (DataError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: damaged journal (%s); dropped: %s generates from its start",
+                        self.path, exc, self.label)
+            self.path.unlink(missing_ok=True)
+            return {}
 
     def generate(self, requests, *, batch_size: int = 32, seed: int | None = None,
                  desc: str | None = None, progress: bool = True, **kwargs) -> list[str]:
@@ -332,7 +360,7 @@ class Journaled:
         call = hashlib.sha256(json.dumps(
             [self.label, _fingerprint(requests), batch_size, seed, sorted(kwargs.items())],
             default=str).encode()).hexdigest()[:24]
-        done = self._entries(call)
+        done = self._entries(call, plan)
         outputs = [""] * len(requests)
         resume = 0
         while resume in done:  # the batches run in order: replay the finished prefix

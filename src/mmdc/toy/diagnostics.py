@@ -17,12 +17,11 @@ toy-checkpoint benchmark and the recipe probe.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from mmdc.data.load import read_image_pool
-from mmdc.data.pool import read_jsonl
+from mmdc.data.pool import read_json, read_jsonl
 from mmdc.errors import MmdcError
 from mmdc.stages.generate import DROP_REASONS
 from mmdc.toy import truth, world
@@ -83,7 +82,7 @@ def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None 
     for reason, records in sorted(by_reason.items()):
         quality[reason] = _quality(records, scenes)
     generated_skills = Counter(check_record(r, scenes)[0] or "(off-template)" for r in accepted)
-    report = json.loads((it / "generation_report.json").read_text()) if (
+    report = read_json(it / "generation_report.json") if (
         it / "generation_report.json").is_file() else {}
     asked = report.get("asked", 0)
     acceptance = {"asked": asked, "accepted": report.get("accepted", 0),
