@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mmdc.data.images import resolve_image
-from mmdc.data.pool import write_json
+from mmdc.data.pool import read_text, write_json
 from mmdc.data.record import LETTERS, Instance
 from mmdc.errors import DataError
 from mmdc.prompts import build_prompt, build_target, parse_answer
@@ -103,12 +103,7 @@ def from_llava_entry(entry: dict, where: str) -> Instance:
 def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> list[Instance]:
     """Read a LLaVA instruction JSON file (a list of entries) or JSONL."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    text = read_text(path)
     try:
         if path.suffix == ".jsonl":
             entries = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -100,16 +100,22 @@ def write_pool(path: str | Path, instances: Iterable[Instance]) -> Path:
     return write_jsonl(path, (inst.to_dict() for inst in instances))
 
 
-def read_json(path: str | Path, expect: type | None = dict):
-    """Read a JSON file; a missing, empty, non-UTF-8 or malformed file, or one whose top
-    level is not ``expect``, is a :class:`DataError` naming the file and the problem."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; missing or not UTF-8 is a :class:`DataError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def read_json(path: str | Path, expect: type | None = dict):
+    """Read a JSON file; a missing, empty, non-UTF-8 or malformed file, or one whose top
+    level is not ``expect``, is a :class:`DataError` naming the file and the problem."""
+    path = Path(path)
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: empty")
     try:
@@ -129,13 +135,8 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
     it), which is dropped with a warning so that a resumed run can go on. ``skip_bad``:
     every malformed line is dropped with one warning (a cache that can do without it)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    text = read_text(path)
     lines = text.splitlines()
     bad = []
     for n, line in enumerate(lines, 1):
