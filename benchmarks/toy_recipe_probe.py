@@ -103,7 +103,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seed-letters", default=None, help="comma list of skills whose letter "
                     "examples (CQM-A) come only from the seed split's instances of them "
-                    "(the task's train split, data seed --seed), e.g. compare,magnets")
+                    "(the task's train split, data seed --seed), e.g. compare,magnets; "
+                    "default: the role's recipe (\"\" for none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -146,12 +147,11 @@ def main() -> int:
     print(f"{args.role}: {sum(p.numel() for p in model.parameters()):,} params, language "
           f"model {lm:,}", flush=True)
     val = world.sample_instances(320, recipe.ALL_SKILLS, "probe-val", args.seed, "val")
-    letters = None
-    if args.seed_letters:
-        wanted = args.seed_letters.split(",")
-        seed_split = [inst for inst, _ in world.generate_split("train", world.TaskSizes().train,
-                                                               args.seed)]
-        letters = {k: [i for i in seed_split if i.skill == k] for k in wanted}
+    if args.seed_letters is not None:  # "" : none
+        the_recipe = replace(the_recipe, seed_letters=tuple(filter(None,
+                                                                   args.seed_letters.split(","))))
+    letters = recipe.seed_letter_sets(the_recipe, args.seed)
+    if letters:
         print("letters from the seed split: " + ", ".join(f"{k} {len(v)}" for k, v in
                                                           letters.items()), flush=True)
     for stage in stages:

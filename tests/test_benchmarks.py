@@ -67,19 +67,3 @@ def test_imitation_ceiling_trains_on_oracle_instances_and_prints_per_skill(tmp_p
     # 24 seed rows; plus 5 new spatial instances twice
     assert rows[0].startswith("| 0 | 1 | 24 |") and rows[1].startswith("| 5 | 2 | 34 |")
     assert "| N | repeats | rows |" in proc.stdout and " spatial |" in proc.stdout
-
-
-def test_teacher_rationales_counts_what_the_self_improving_teacher_could_learn(tmp_path):
-    """benchmarks/teacher_rationales.py on the shipped teacher: a row with every count out
-    of the instances (greedy) and the samples (n x k)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "teacher_rationales.py"), "--skill",
-         "magnets", "--n", "3", "--k", "2"], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| builtin:teacher |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1].endswith("/ 3") and cells[3].endswith("/ 6")
-    greedy_right, sampled_right = int(cells[1].split()[0]), int(cells[3].split()[0])
-    assert 0 <= greedy_right <= 3 and 0 <= sampled_right <= 6
-    assert int(cells[5]) <= sampled_right and int(cells[6]) <= sampled_right
-    assert "fresh magnets instances" in proc.stdout

@@ -6,7 +6,6 @@ from mmdc.prompts import (
     build_target,
     build_write_prompt,
     format_written,
-    names_other_option,
     parse_answer,
     parse_written,
 )
@@ -40,30 +39,6 @@ def test_lea_target_ends_with_answer():
 ])
 def test_parse_answer(text, expected):
     assert parse_answer(text, 3) == expected
-
-
-REGIONS = ["north-west", "north-east", "south-west", "south-east"]
-
-
-@pytest.mark.parametrize("text,choices,choice,expected", [
-    # the reading names another option than the letter picks: contradicted
-    ("It is in row 3 and column 4, so it is in the south-east part. The answer is C.",
-     REGIONS, 2, True),
-    ("It is in row 3 and column 1, so it is in the south-west part. The answer is C.",
-     REGIONS, 2, False),
-    # a comparison names both options; a rationale may name none
-    ("There are 3 red shapes and 2 blue shapes. The answer is B.", ["red", "blue"], 1, False),
-    ("Opposite poles attract. The answer is A.", ["attract", "repel"], 0, False),
-    ("Opposite poles attract. The answer is B.", ["attract", "repel"], 1, True),
-    ("The answer is B.", ["a", "b"], 1, False),
-    # whole options only: "west" is not "north-west", "2" is not "12"
-    ("There are 12 shapes. The answer is A.", ["2", "12"], 0, True),
-    ("It is in the west. The answer is A.", REGIONS, 0, False),
-    # only the reasoning counts, not the text after "The answer is"
-    ("Row 1, so north-west. The answer is A. south-east", REGIONS, 0, False),
-])
-def test_a_rationale_that_argues_for_another_option(text, choices, choice, expected):
-    assert names_other_option(text, choices, choice) is expected
 
 
 def test_written_round_trip():

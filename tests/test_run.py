@@ -259,13 +259,13 @@ def test_killed_during_iteration_2_then_resume(tmp_path, sig):
             json.loads((clean / f"iter_{k}" / "metrics.json").read_text())
 
 
-def test_self_improving_teacher_checks_itself_and_learns_its_rationales(tmp_path):
+def test_self_improving_teacher_labels_its_weak_spots_by_its_rationales(tmp_path):
     run_dir = tmp_path / "run"
     args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
             "loop.self_improve=true", "loop.teacher_train.max_steps=2",
-            "align.roles=[student, teacher]", "loop.teacher_seeds=4",
-            "loop.teacher_train.batch_size=4", "generate.challenge=false", "generate.tau=0.0",
-            "generate.per_iteration=6"]
+            "align.roles=[student, teacher]", "loop.teacher_seeds=4", "loop.teacher_tau=0.0",
+            "loop.teacher_replay=3", "loop.teacher_train.batch_size=4",
+            "generate.challenge=false", "generate.tau=0.0", "generate.per_iteration=6"]
     assert main(args) == 0
     it = run_dir / "iter_1"
     state = json.loads((run_dir / "state.json").read_text())["done"]
@@ -282,76 +282,51 @@ def test_self_improving_teacher_checks_itself_and_learns_its_rationales(tmp_path
         assert 0 < report["asked"] <= 4
     else:
         assert report["asked"] == 0
-    # the update: verified instances with rationales that reach their answers
+    # its own instances carry the majority of its written label and k sampled rationales
+    own = [json.loads(x) for x in
+           (it / "teacher_generated_accepted.jsonl").read_text().splitlines()]
+    for inst in own:
+        votes = [inst["meta"]["written_answer"], *inst["meta"]["votes"]]
+        parsed = [v for v in votes if v is not None]
+        assert parsed.count(inst["answer"]) == max(parsed.count(v) for v in parsed)
+    # the update: its letters on its own instances, and the replay only with them
     update = json.loads((it / "teacher_update.json").read_text())
-    accepted = (json.loads((it / "generation_report.json").read_text())["accepted"]
-                + report.get("accepted", 0))
-    assert update["instances"] == accepted and update["with_rationale"] <= accepted
-    if accepted:
+    assert update["instances"] == report.get("accepted", 0) == len(own)
+    agreed = sum(not r["unreliable"] for r in check)
+    assert update["replay"] == (min(3, agreed) if own else 0)
+    if own:
         assert (it / "teacher_adapter" / "adapter_model.safetensors").is_file()
         assert all(math.isfinite(x) for x in update["losses"])
     assert (run_dir / "align" / "teacher" / "adapter" / "adapter_config.json").is_file()
-    # the teacher in both formats, as given and after the iteration
+    # the teacher as given, in both formats, and after the iteration in letters
     base = json.loads((run_dir / "baseline" / "metrics.json").read_text())
     metrics = json.loads((it / "metrics.json").read_text())
-    assert {"student", "teacher", "teacher_rationales"} <= set(base) <= set(metrics)
-    # and the report says it in words
-    story = (run_dir / "report.md").read_text().split("## What happened")[1].split("##")[0]
-    rationales = metrics["teacher_rationales"]["columns"]["Avg"]["acc"]
-    assert (f"It learned {update['instances']} verified instances of its own, "
-            f"{update['with_rationale']} with a rationale.") in story
-    assert f"and {rationales:.2f} with rationales" in story
+    assert {"student", "teacher", "teacher_rationales"} <= set(base)
+    assert {"student", "teacher"} <= set(metrics)
 
 
-def test_rationales_are_kept_only_when_they_reach_the_verified_answer():
-    from types import SimpleNamespace
-
+def test_the_teacher_update_is_label_free():
+    """The replay takes the teacher's own shared answer, never the probe's label, spread
+    over skills; the update rows are letters (CQM-A) for its instances and the replay."""
     from mmdc.data.record import Instance
-    from mmdc.stages.improve import sample_rationales, unreliable, update_rows
+    from mmdc.stages.improve import replay_set, unreliable, update_rows
 
-    insts = [Instance(id=f"q{n}", question="q", choices=["a", "b"], answer=n % 2,
-                      skill="color") for n in range(3)]
-    insts.append(Instance(id="q3", question="q", choices=["a", "b"], answer=1, skill="color"))
-    outs = {0: ["The answer is B.", "The answer is A."],  # unsure, second reaches A: kept
-            1: ["The answer is A.", "nothing"],  # none reaches B: dropped
-            2: ["The answer is A.", "The answer is B."],  # unsure, first reaches A: kept
-            3: ["The answer is B.", "The answer is B."]}  # reliable: nothing to learn
-    teacher = SimpleNamespace(generate=lambda reqs, **kw: [t for n in range(4) for t in outs[n]])
-    kept, counts = sample_rationales(teacher, insts, [None] * 4, k=2, temperature=0.7,
-                                     max_new_tokens=8, batch_size=4, seed=0, desc="t")
-    assert [(i.id, t) for i, _, t in kept] == [("q0", "The answer is A."),
-                                               ("q2", "The answer is A.")]
-    assert counts == {"instances": 4, "reliable": 1, "none": 1, "with_rationale": 2}
-    rows = update_rows(kept, insts, [None] * 4)
-    assert len(rows) == 2 + 4 and rows[2]["completion"][0]["content"][0]["text"] == "A"
-    assert rows[0]["completion"][0]["content"][0]["text"] == "The answer is A."
-    flags = unreliable(insts[:2], [{"choice": 0}, {"choice": 1}], [{"choice": 0}, {"choice": None}])
-    assert [f["unreliable"] for f in flags] == [False, True]
-
-
-def test_a_rationale_that_argues_for_another_option_is_not_kept():
-    from types import SimpleNamespace
-
-    from mmdc.data.record import Instance
-    from mmdc.stages.improve import sample_rationales
-
-    inst = Instance(id="q", question="Attract or repel?", choices=["attract", "repel"],
-                    answer=0, skill="magnets")
-    outs = ["Like poles repel. The answer is A.",  # right letter, reasoning for B
-            "Opposite poles attract. The answer is A.",  # kept
-            "Like poles repel. The answer is B."]
-    teacher = SimpleNamespace(generate=lambda reqs, **kw: list(outs))
-    kept, counts = sample_rationales(teacher, [inst], [None], k=3, temperature=0.7,
-                                     max_new_tokens=8, batch_size=3, seed=0, desc="t")
-    assert [t for _, _, t in kept] == ["Opposite poles attract. The answer is A."]
-    outs[1] = "Like poles repel, so they attract. The answer is A."  # names both: kept
-    kept, _ = sample_rationales(teacher, [inst], [None], k=3, temperature=0.7,
-                                max_new_tokens=8, batch_size=3, seed=0, desc="t")
-    assert [t for _, _, t in kept] == [outs[1]]
-    outs[1] = outs[0]  # no rationale reaches A for a reason of its own: none to learn
-    kept, counts = sample_rationales(teacher, [inst], [None], k=3, temperature=0.7,
-                                     max_new_tokens=8, batch_size=3, seed=0, desc="t")
-    assert kept == [] and counts["none"] == 1
+    probes = [Instance(id=f"p{n}", question="q", choices=["a", "b", "c"], answer=0,
+                       skill="color" if n < 4 else "count") for n in range(6)]
+    letters = [{"choice": c} for c in (2, 1, 0, 2, 1, 0)]
+    rationales = [{"choice": c} for c in (2, 1, 1, None, 1, 0)]
+    rows = unreliable(probes, letters, rationales)
+    assert [r["unreliable"] for r in rows] == [False, False, True, True, False, False]
+    by_id = {p.id: p for p in probes}
+    replay = replay_set(rows, by_id, 3, "s")
+    assert [i.skill for i in replay] == ["color", "count", "color"]
+    assert {i.id: i.answer for i in replay_set(rows, by_id, 10, "s")} == {
+        "p0": 2, "p1": 1, "p4": 1, "p5": 0}
+    assert all(p.answer == 0 for p in probes)  # the probes themselves untouched
+    own = [Instance(id="g0", question="q", choices=["a", "b"], answer=1, skill="compare")]
+    sft = update_rows(own, [None], replay, [None] * len(replay))
+    assert [r["completion"][0]["content"][0]["text"] for r in sft] == \
+        ["B"] + [chr(65 + i.answer) for i in replay]
 
 
 def test_token_level_kd_trains(tmp_path):

@@ -195,14 +195,20 @@ class LoopConfig(_Section):
     # ablation of Lion without its referee); none: plain distillation on the seed split
     strategy: Literal["targeted", "random", "none"] = "targeted"
     retrain: Literal["continue", "reset"] = "continue"
-    # the self-improving teacher (mmdc.stages.improve): it also finds where its own letter
-    # and rationale disagree on the probes, writes and verifies instances there, and learns
-    # the iteration's verified instances with rationales of its own that reach the answers
+    # the self-improving teacher (mmdc.stages.improve), label-free: it finds where its own
+    # letter and rationale disagree on the probes, writes instances there, labels them by
+    # the majority of its sampled rationales and learns its letters on those labels,
+    # replaying the probes it answers consistently
     self_improve: bool = False
     teacher_seeds: int = Field(64, ge=0)  # seeds per iteration for the teacher's weak spots
-    # the self-improving teacher's LoRA update on its verified instances: gentle, since at
-    # lr 1e-3 the 99.75% toy teacher lost 4 points over 3 iterations (README)
-    teacher_train: TrainConfig = TrainConfig(max_steps=50, learning_rate=1e-4)
+    # the format of the k answers whose majority labels the teacher's own instances (its
+    # written label votes too, as in generate.written_vote), and the share that must agree
+    teacher_verify_prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
+    teacher_tau: float = Field(0.6, ge=0.0, le=1.0)
+    # probes where its letter and rationale agreed, replayed with that answer in each update
+    teacher_replay: int = Field(96, ge=0)
+    # the teacher's LoRA update on its own labelled instances and the replay
+    teacher_train: TrainConfig = TrainConfig(max_steps=100, learning_rate=5e-4)
 
 
 class Config(_Section):

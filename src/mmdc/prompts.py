@@ -73,21 +73,6 @@ def parse_answer(text: str, n_choices: int) -> int | None:
     return None
 
 
-def names_other_option(text: str, choices: list[str], choice: int) -> bool:
-    """True when a rationale argues for another option than the one it picks: its
-    reasoning (the text before "The answer is") names some option's text but not that of
-    ``choice``. ("... so it is in the south-east part. The answer is C." with C =
-    south-west.) A rationale that names no option, or names the chosen one (a comparison
-    names both), is not contradicted."""
-    body = _THE_ANSWER_IS.split(text)[0].lower()
-
-    def named(option: str) -> bool:
-        return re.search(rf"(?<![\w-]){re.escape(option.strip().lower())}(?![\w-])", body) is not None
-
-    others = [o for i, o in enumerate(choices) if i != choice and o.strip()]
-    return any(named(o) for o in others) and not named(choices[choice])
-
-
 # ----------------------------------------------------------------- instance writing
 
 

@@ -144,26 +144,29 @@ def step_assess(loop: Loop, k: int) -> str:
 
 
 def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool,
-                      max_accepted: int | None = None, first_id: int = 0, also: tuple = ()):
+                      max_accepted: int | None = None, first_id: int = 0, also: tuple = (),
+                      verify_prompt: str | None = None, tau: float | None = None):
     """Write and verify instances from ``seeds`` (``also``: instances of this iteration
-    already kept, for the duplicate filter); (accepted, rejected, report)."""
+    already kept, for the duplicate filter; ``verify_prompt`` / ``tau`` replace the
+    generate section's); (accepted, rejected, report)."""
     from mmdc.stages.generate import generate_instances
 
     cfg, g = loop.cfg, loop.cfg.generate
+    verify_prompt = verify_prompt or g.verify_prompt
     step = f"iter_{k}/{prefix}"
     teacher = loop.teacher(step)
     student = loop.student(step) if challenge else None
     out = generate_instances(
         teacher, student, seeds, loop.images,
         existing=loop.pool + loop.probe.instances + list(also),
-        iteration=k, k=g.k, tau=g.tau, written_vote=g.written_vote,
+        iteration=k, k=g.k, tau=g.tau if tau is None else tau, written_vote=g.written_vote,
         rouge_threshold=g.rouge_threshold, challenge=challenge,
         temperature=g.temperature, max_new_tokens=g.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
         max_accepted=g.max_accepted if max_accepted is None else max_accepted,
-        verify_prompt=g.verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
+        verify_prompt=verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
         first_id=first_id,
-        verify_max_new_tokens=cfg.eval.max_new_tokens if g.verify_prompt == "CQM-A" else None)
+        verify_max_new_tokens=cfg.eval.max_new_tokens if verify_prompt == "CQM-A" else None)
     del teacher, student
     gc.collect()
     return out
@@ -274,7 +277,8 @@ def restore_generate(loop: Loop, k: int) -> None:
 
 
 def step_teacher_generate(loop: Loop, k: int) -> str:
-    """The self-improving teacher writes instances where it found itself unreliable."""
+    """The self-improving teacher writes instances where it found itself unreliable and
+    labels them by the majority of its own sampled rationales."""
     from mmdc.stages.generate import select_seeds
 
     cfg, it = loop.cfg, loop.it(k)
@@ -286,15 +290,17 @@ def step_teacher_generate(loop: Loop, k: int) -> str:
         seeds = select_seeds(weak, [], cfg.loop.teacher_seeds, _free_images(loop),
                              random.Random(f"{cfg.seed}-teacher-generate-{k}"),
                              near=_near(loop, weak))
-        accepted, rejected, report = _write_generation(loop, k, "teacher_generate", seeds,
-                                                       challenge=False)
+        accepted, rejected, report = _write_generation(
+            loop, k, "teacher_generate", seeds, challenge=False,
+            verify_prompt=cfg.loop.teacher_verify_prompt, tau=cfg.loop.teacher_tau)
     if loop.main:
         write_pool(it / "teacher_generated_accepted.jsonl", accepted)
         write_jsonl(it / "teacher_generated_rejected.jsonl", rejected)
         write_json(it / "teacher_generation_report.json",
                    report.to_dict() if report else {"asked": 0, "accepted": 0})
     return (f"{len(accepted)} of {report.asked} instances for the teacher's own weak spots "
-            "accepted" if report else "the teacher found no weak spot of its own")
+            "labelled by its rationales" if report
+            else "the teacher found no weak spot of its own")
 
 
 def restore_teacher_generate(loop: Loop, k: int) -> None:
@@ -303,33 +309,30 @@ def restore_teacher_generate(loop: Loop, k: int) -> None:
 
 
 def step_teacher_update(loop: Loop, k: int) -> str:
-    """The teacher learns its verified instances of the iteration (its own and the
-    student-targeted ones) with rationales of its own that reach the verified answers."""
-    from mmdc.stages.improve import sample_rationales, update_rows
+    """The teacher learns its direct answers on the instances it labelled by its
+    rationales, replaying the probes where its letter and rationale agreed."""
+    from mmdc.stages.improve import replay_set, update_rows
 
-    cfg, it, g = loop.cfg, loop.it(k), loop.cfg.generate
-    instances = (read_pool(it / "generated_accepted.jsonl")
-                 + read_pool(it / "teacher_generated_accepted.jsonl"))
-    images = _images_of(loop, instances)
-    kept, counts = sample_rationales(
-        loop.teacher(f"iter_{k}/teacher_update"), instances, images,
-        k=g.k, temperature=g.temperature, max_new_tokens=g.max_new_tokens,
-        batch_size=cfg.eval.batch_size, seed=cfg.seed + 1000 + k,
-        desc=f"iter {k}: teacher rationales")
-    gc.collect()
+    cfg, it = loop.cfg, loop.it(k)
+    own = read_pool(it / "teacher_generated_accepted.jsonl")
+    replay = replay_set(read_jsonl(it / "teacher_self_assessment.jsonl"),
+                        {i.id: i for i in loop.probe.instances}, cfg.loop.teacher_replay,
+                        f"{cfg.seed}-teacher-replay-{k}") if own else []
     losses: list[float] = []
-    if instances:
-        losses = train_role(cfg, cfg.teacher, update_rows(kept, instances, images),
-                            loop.teacher_adapter, it / "teacher_adapter",
+    if own:
+        rows = update_rows(own, _images_of(loop, own), replay,
+                           [loop.probe.image(i) for i in replay])
+        losses = train_role(cfg, cfg.teacher, rows, loop.teacher_adapter, it / "teacher_adapter",
                             loop.run_dir / "tensorboard" / f"teacher-{k}",
                             cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
                             max_length_key="loop.teacher_train.max_length")
     if loop.main:
-        write_json(it / "teacher_update.json", {**counts, "losses": losses})
-    if not instances:
-        return "nothing for the teacher to learn (no verified instance)"
-    return (f"the teacher learned {counts['instances']} verified instances, with rationales "
-            f"of its own for the {len(kept)} it was unsure of, " + loss_words(losses))
+        write_json(it / "teacher_update.json", {"instances": len(own), "replay": len(replay),
+                                                "losses": losses})
+    if not own:
+        return "nothing for the teacher to learn (no instance of its own labelled)"
+    return (f"the teacher learned its letters on {len(own)} instances it labelled, replaying "
+            f"{len(replay)} it answers consistently, " + loss_words(losses))
 
 
 def restore_teacher_update(loop: Loop, k: int) -> None:

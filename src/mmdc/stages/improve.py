@@ -1,29 +1,27 @@
-"""The self-improving teacher (``loop.self_improve``): the teacher finds where its own
-answers are unreliable, writes and verifies new instances there, and learns them with
-rationales of its own that reach the verified answer (as STaR keeps the rationales that
-reach the right answer).
+"""The self-improving teacher (``loop.self_improve``), label-free, as in self-consistency
+self-training (LMSI, Huang et al. 2022): the teacher finds where its direct answers are
+unreliable, writes instances there, labels them by the majority of its own sampled
+rationales, and trains its direct answers on those labels, replaying what it already
+answers consistently so that nothing else falls. No ground-truth label enters: only the
+teacher's own answers.
 
-1. Self-assessment, without labels: the teacher answers each probe twice, with the letter
-   alone (CQM-A) and with a rationale (CQM-LEA). Where the two disagree, or the rationale
-   reaches no answer, one of them is wrong: the teacher is unreliable there.
-2. Generation: those probes seed new instances of the same kind, written, parsed and
-   verified as the student's are (no challenge filter: here the teacher is the learner).
-3. Rationales: the teacher samples k rationales for each verified instance, its own and
-   the student-targeted ones of the iteration. A rationale reaches the verified label when
-   its answer is that label and its reasoning does not argue for another option (names
-   another option's text but not the label's: a right letter after a wrong reading
-   teaches the teacher to answer apart from its reasoning). Where some but not all of
-   them reach it, the teacher is unsure: the first that reaches it is kept to learn from
-   (where all do, there is nothing to learn; where none does, no rationale to trust).
-4. Update: LoRA on the kept rationales (CQM-LEA) and the verified letters of every
-   instance (CQM-A), so that learning one format does not cost the other.
+1. Self-assessment: the teacher answers each probe twice, with the letter alone (CQM-A)
+   and with a rationale (CQM-LEA). Where the two disagree, or the rationale reaches no
+   answer, one of them is wrong: the teacher is unreliable there (:func:`unreliable`).
+2. Generation: those probes seed new instances of the same kind, written and parsed as
+   the student's are, and labelled by the majority of k sampled rationales
+   (``loop.teacher_verify_prompt``; at least ``loop.teacher_tau`` of the votes agree).
+3. Update (:func:`update_rows`): LoRA on the letters of those instances, with their
+   rationale-majority labels, and on a replay of the probes where its letter and its
+   rationale agreed (that shared answer as the letter).
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 from mmdc.data.record import LETTERS, Instance
-from mmdc.generation import Request
-from mmdc.prompts import build_prompt, names_other_option, parse_answer
 
 
 def unreliable(instances: list[Instance], letters: list[dict], rationales: list[dict]
@@ -38,43 +36,32 @@ def unreliable(instances: list[Instance], letters: list[dict], rationales: list[
     return out
 
 
-def reaches(text: str, inst: Instance) -> bool:
-    """A rationale reaches the instance's (verified) answer: it answers that option and
-    its reasoning does not argue for another (:func:`mmdc.prompts.names_other_option`)."""
-    return (parse_answer(text, len(inst.choices)) == inst.answer
-            and not names_other_option(text, inst.choices, inst.answer))
+def replay_set(rows: list[dict], by_id: dict[str, Instance], n: int, seed: str
+               ) -> list[Instance]:
+    """Up to ``n`` probes where the teacher's letter and rationale agreed, each a copy
+    whose answer is that shared answer (not the probe's label), drawn evenly over skills
+    so that the common ones do not crowd out the rest."""
+    agreed: dict[str, list[Instance]] = {}
+    for r in rows:
+        if not r["unreliable"]:
+            inst = by_id[r["id"]]
+            agreed.setdefault(inst.skill, []).append(replace(inst, answer=r["letter"]))
+    rng = random.Random(seed)
+    for items in agreed.values():
+        rng.shuffle(items)
+    out: list[Instance] = []
+    while len(out) < n and any(agreed.values()):
+        for skill in sorted(agreed):
+            if agreed[skill] and len(out) < n:
+                out.append(agreed[skill].pop())
+    return out
 
 
-def sample_rationales(teacher, instances: list[Instance], images: list, *, k: int,
-                      temperature: float, max_new_tokens: int, batch_size: int, seed: int,
-                      desc: str) -> tuple[list[tuple[Instance, object, str]], dict]:
-    """For each instance, k sampled rationales; where some but not all reach the
-    instance's (verified) answer, the first that does is kept. Returns (instance, image,
-    rationale) triples and counts (``reliable``: all k reached it; ``none``: none did)."""
-    requests = [Request(build_prompt(i, "CQM-LEA"), img) for i, img in zip(instances, images)
-                for _ in range(k)]
-    texts = teacher.generate(requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             do_sample=temperature > 0, temperature=temperature, seed=seed,
-                             desc=desc)
-    kept, counts = [], {"instances": len(instances), "reliable": 0, "none": 0}
-    for j, (inst, img) in enumerate(zip(instances, images)):
-        right = [t for t in texts[j * k:(j + 1) * k] if reaches(t, inst)]
-        if len(right) == k:
-            counts["reliable"] += 1
-        elif not right:
-            counts["none"] += 1
-        else:
-            kept.append((inst, img, right[0]))
-    counts["with_rationale"] = len(kept)
-    return kept, counts
-
-
-def update_rows(kept: list[tuple[Instance, object, str]], instances: list[Instance],
-                images: list) -> list[dict]:
-    """The teacher's update: the kept rationales (CQM-LEA) and the letters of every
-    verified instance (CQM-A)."""
+def update_rows(own: list[Instance], own_images: list, replay: list[Instance],
+                replay_images: list) -> list[dict]:
+    """The teacher's update: its direct answers (CQM-A) on the instances it labelled by
+    its rationales' majority, and on the replayed probes."""
     from mmdc.stages.align import sft_rows
 
-    return (sft_rows([i for i, _, _ in kept], [img for _, img, _ in kept], "CQM-LEA",
-                     [t for _, _, t in kept])
-            + sft_rows(instances, images, "CQM-A", [LETTERS[i.answer] for i in instances]))
+    instances, images = own + replay, own_images + replay_images
+    return sft_rows(instances, images, "CQM-A", [LETTERS[i.answer] for i in instances])

@@ -59,7 +59,10 @@ def expected_manifest(role: str, tokenizer, tower_dir: Path, seed: int = 0,
                       role_recipe: recipe.Recipe | None = None) -> dict:
     spec, default_recipe = ROLES[role]
     the_recipe = role_recipe or default_recipe
-    manifest = {"role": role, "seed": seed, "spec": asdict(spec), "recipe": asdict(the_recipe),
+    recorded = asdict(the_recipe)
+    if not recorded["seed_letters"]:  # a recipe without them reads as it always did
+        del recorded["seed_letters"]
+    manifest = {"role": role, "seed": seed, "spec": asdict(spec), "recipe": recorded,
                 "tokenizer": tokenizer_fingerprint(tokenizer),
                 "vision": file_fingerprint(Path(tower_dir) / "model.safetensors")}
     if any("write" in stage.formats for stage in the_recipe.stages):
@@ -126,9 +129,10 @@ def build_role(role: str, out: Path, tokenizer, tower_dir: Path, seed: int = 0,
     model = models.build_model(spec, tokenizer, seed=seed, tower=tower)
     model.model.vision_tower.requires_grad_(False)  # LLaVA keeps CLIP frozen
     stages = []
+    letters = recipe.seed_letter_sets(the_recipe, seed)
     for stage in the_recipe.stages:
         t0 = time.time()
-        data = recipe.tokenize_examples(processor, recipe.build_examples(stage, seed))
+        data = recipe.tokenize_examples(processor, recipe.build_examples(stage, seed, letters))
         losses = recipe.train(model, processor, data, stage, seed=seed,
                               desc=f"{role} {stage.name}")
         if not tower_unchanged(model, tower):  # pragma: no cover - a recipe bug
