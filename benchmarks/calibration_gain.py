@@ -1,5 +1,6 @@
-"""Calibration gain on the built-in default: targeted vs random vs no generation, and the
-self-improving teacher.
+"""Calibration gain on the built-in default: the paper's method (targeted generation and
+a self-improving teacher) against its ablations, and where the student ends against the
+original teacher.
 
 Runs the built-in default (``mmdc run``, the settings of ``mmdc demo``) for each seed and
 arm at equal budgets: every run trains the student for the same number of steps (the
@@ -7,21 +8,22 @@ config's), and the generating arms keep at most the same number of generated ins
 per iteration (``generate.max_accepted``; the accepted counts are printed, so an arm
 that fell short of the cap shows). The arms:
 
-* ``targeted``: seeds from the probe questions the assessment marked hard and easy;
-* ``random``: seeds drawn at random from the instruction pool;
-* ``none``: nothing generated (plain distillation on the seed split);
-* ``self-improve``: targeted, and the teacher learns its own verified instances
-  (``loop.self_improve=true``).
+* ``self-improve``: the default: seeds from the probe questions the assessment marked
+  hard, and the teacher improves itself, label-free, where its letter and its rationale
+  disagree (``loop.self_improve=true``);
+* ``fixed-teacher``: the same, with the teacher as given (``loop.self_improve=false``);
+* ``random``: seeds drawn at random from the instruction pool (the teacher still
+  improves itself);
+* ``none``: plain distillation: nothing generated, the teacher as given.
 
 Each run is a separate process, timed, with its peak resident memory; ``--jobs N`` runs N
 at a time (each with its share of the CPU threads unless OMP_NUM_THREADS is set: the toy
 models keep one core busy each, so on a 2-core machine two runs at a time use both). Prints the
 held-out test accuracy of teacher and student after each iteration (mean and spread over
-seeds), where the gain comes from per skill (rare in the seed split? marked hard by the
-assessment? how many instances were generated for it?), and what self-improvement does
-to the teacher's skills; writes it all as JSON and a PNG plot.
+seeds), the margins, where the gain comes from per skill, and what the self-improving
+teacher found, labelled and learned; writes it all as JSON and a PNG plot.
 
-    python benchmarks/calibration_gain.py [--seeds 0 1 2] [--out runs/calibration_gain] [--jobs 1]
+    python benchmarks/calibration_gain.py [--seeds 0 1 2] [--out runs/calibration_gain] [--jobs 2]
     python benchmarks/calibration_gain.py data.synth.seed=7 data.root=data/synthetic-7
 """
 
@@ -39,13 +41,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-STRATEGIES = ("targeted", "random", "none", "self-improve")
+STRATEGIES = ("self-improve", "fixed-teacher", "random", "none")
+DEFAULT_ARM = "self-improve"
 
 
 def arm_overrides(strategy: str) -> list[str]:
-    if strategy == "self-improve":
-        return ["loop.strategy=targeted", "loop.self_improve=true"]
-    return [f"loop.strategy={strategy}"]
+    return {"self-improve": ["loop.strategy=targeted", "loop.self_improve=true"],
+            "fixed-teacher": ["loop.strategy=targeted", "loop.self_improve=false"],
+            "random": ["loop.strategy=random", "loop.self_improve=true"],
+            "none": ["loop.strategy=none", "loop.self_improve=false"]}[strategy]
 
 
 def child(run_dir: str, overrides: list[str]) -> int:
@@ -77,6 +81,7 @@ def run_one(out: Path, seed: int, strategy: str, args) -> dict:
         raise SystemExit(f"run {run_dir} failed (exit {proc.returncode})")
     info = json.loads(line[-1][len("MMDC_BENCH "):])
     iters = []
+    m1 = json.loads((run_dir / "iter_1" / "metrics.json").read_text())
     for k in range(1, args.iterations + 1):
         it = run_dir / f"iter_{k}"
         m = json.loads((it / "metrics.json").read_text())
@@ -86,18 +91,20 @@ def run_one(out: Path, seed: int, strategy: str, args) -> dict:
             "student": m["student"]["columns"]["Avg"]["acc"],
             "student_skills": {s: v["acc"] for s, v in m["student"]["skills"].items()},
             "teacher_skills": {s: v["acc"] for s, v in m["teacher"]["skills"].items()},
-            # the self-improving teacher in the format it improves (CQM-LEA rationales)
-            "rationale_skills": {s: v["acc"] for s, v in
-                                 m.get("teacher_rationales", {}).get("skills", {}).items()},
             "accepted": gen.get("accepted", 0),
             "hard": json.loads((it / "assessment_summary.json").read_text()).get("per_skill", {}),
         })
     report = json.loads((run_dir / "report.json").read_text())
     baseline = json.loads((run_dir / "baseline" / "metrics.json").read_text())
     base = baseline["student"]
-    teacher0 = {f: {s: v["acc"] for s, v in baseline[k]["skills"].items()}
-                for f, k in (("CQM-A", "teacher"), ("CQM-LEA", "teacher_rationales"))
-                if k in baseline}
+    # the original teacher: evaluated at the baseline when it improves itself, else the
+    # fixed teacher of the first iteration
+    teacher0 = {"CQM-A": {s: v["acc"] for s, v in (baseline.get("teacher") or m1["teacher"])
+                          ["skills"].items()},
+                "Avg": (baseline.get("teacher") or m1["teacher"])["columns"]["Avg"]["acc"]}
+    if "teacher_rationales" in baseline:
+        teacher0["CQM-LEA"] = {s: v["acc"] for s, v in
+                               baseline["teacher_rationales"]["skills"].items()}
     return {"seed": seed, "strategy": strategy, "run_dir": str(run_dir), **info,
             "base_student": base["columns"]["Avg"]["acc"], "base_teacher": teacher0,
             "iterations": iters, "diagnostics": report.get("diagnostics", {})}
@@ -130,8 +137,6 @@ def summarize(runs: list[dict], iterations: int) -> dict:
                                    for s in sorted(its[0]["teacher_skills"])},
                 "student_skills": {s: mean_sd([i["student_skills"][s] for i in its])
                                    for s in skills},
-                "rationale_skills": {s: mean_sd([i["rationale_skills"][s] for i in its])
-                                     for s in sorted(its[0]["rationale_skills"])},
             })
         out[strategy] = {
             "iterations": per_iter,
@@ -141,7 +146,8 @@ def summarize(runs: list[dict], iterations: int) -> dict:
             "base_student": mean_sd([r["base_student"] for r in rs]),
             "base_teacher": {f: {k: mean_sd([r["base_teacher"][f][k] for r in rs])
                                  for k in rs[0]["base_teacher"][f]}
-                             for f in rs[0]["base_teacher"]},
+                             for f in ("CQM-A", "CQM-LEA") if f in rs[0]["base_teacher"]},
+            "original_teacher": mean_sd([r["base_teacher"]["Avg"] for r in rs]),
         }
     return out
 
@@ -153,17 +159,20 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for strategy, s in summary.items():
-        its = list(range(1, len(s["iterations"]) + 1))
-        ax.errorbar(its, [i["student"][0] for i in s["iterations"]],
-                    yerr=[i["student"][1] for i in s["iterations"]], marker="o", capsize=3,
-                    label=f"student, {strategy}")
     first = next(iter(summary.values()))
-    ax.plot(range(1, len(first["iterations"]) + 1),
-            [i["teacher"][0] for i in first["iterations"]], "k--", label="teacher")
-    ax.set(xlabel="iteration", ylabel="held-out test accuracy (%)",
+    n = len(first["iterations"])
+    for strategy, s in summary.items():
+        ax.errorbar(range(n + 1), [s["base_student"][0]] + [i["student"][0] for i in s["iterations"]],
+                    yerr=[s["base_student"][1]] + [i["student"][1] for i in s["iterations"]],
+                    marker="o", capsize=3, label=f"student, {strategy}")
+    if DEFAULT_ARM in summary:
+        d = summary[DEFAULT_ARM]
+        ax.plot(range(n + 1), [d["original_teacher"][0]] + [i["teacher"][0] for i in d["iterations"]],
+                "k--", label="teacher, self-improving")
+    ax.axhline(first["original_teacher"][0], color="grey", linestyle=":", label="original teacher")
+    ax.set(xlabel="iteration (0: before calibration)", ylabel="held-out test accuracy (%)",
            title="calibration gain (mean ± sd over seeds)")
-    ax.set_xticks(range(1, len(first["iterations"]) + 1))
+    ax.set_xticks(range(n + 1))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -174,32 +183,35 @@ def print_table(summary: dict, ratio: float, seeds: list[int]) -> None:
     print(f"Calibration gain on the built-in default, seeds {seeds}, held-out synthetic test, "
           f"CQM-A accuracy (%), mean ± sd over seeds. student/teacher parameters: "
           f"1/{ratio:.1f}\n")
-    print("| strategy | iter | teacher | student | accepted | wall s / run | peak MB |")
+    print("| arm | iter | teacher | student | accepted | wall s / run | peak MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    base = next(iter(summary.values()))["base_student"]
-    print(f"| (before calibration) | 0 | | {base[0]:.1f} ± {base[1]:.1f} | | | |")
+    first = next(iter(summary.values()))
+    base, t0 = first["base_student"], first["original_teacher"]
+    print(f"| (before calibration) | 0 | {t0[0]:.1f} | {base[0]:.1f} ± {base[1]:.1f} | | | |")
     for strategy, s in summary.items():
         for k, i in enumerate(s["iterations"], 1):
             print(f"| {strategy} | {k} | {i['teacher'][0]:.1f} | {i['student'][0]:.1f} ± "
                   f"{i['student'][1]:.1f} | {i['accepted'][0]:.1f} | {s['wall_s'][0]:.0f} | "
                   f"{s['peak_mb']} |")
-    skills = sorted(next(iter(summary.values()))["iterations"][-1]["student_skills"])
+    skills = sorted(first["iterations"][-1]["student_skills"])
     print("\nStudent after the last iteration, per skill (mean ± sd):\n")
-    print("| strategy | " + " | ".join(skills) + " |")
+    print("| arm | " + " | ".join(skills) + " |")
     print("|---|" + "---:|" * len(skills))
     for strategy, s in summary.items():
         sk = s["iterations"][-1]["student_skills"]
         print(f"| {strategy} | " + " | ".join(f"{sk[x][0]:.0f} ± {sk[x][1]:.0f}"
                                               for x in skills) + " |")
-    if "targeted" in summary:
-        t = statistics.fmean(summary["targeted"]["final_student"])
-        teacher = summary["targeted"]["iterations"][-1]["teacher"][0]
+    if DEFAULT_ARM in summary:
+        d = summary[DEFAULT_ARM]
+        t = statistics.fmean(d["final_student"])
         print()
-        for other in ("random", "none"):
+        for other in STRATEGIES[1:]:
             if other in summary:
                 o = statistics.fmean(summary[other]["final_student"])
-                print(f"targeted - {other} (last iteration): {t - o:+.1f} points")
-        print(f"student/teacher accuracy (targeted, last iteration): {100 * t / teacher:.0f}%")
+                print(f"{DEFAULT_ARM} - {other} (last iteration): {t - o:+.1f} points")
+        print(f"student ({DEFAULT_ARM}, last iteration) - original teacher: "
+              f"{t - d['original_teacher'][0]:+.1f} points ({t:.1f} against "
+              f"{d['original_teacher'][0]:.1f})")
 
 
 def _generated(run: dict) -> dict[str, int]:
@@ -219,18 +231,18 @@ def print_sources(runs: list[dict], summary: dict, seed_share: dict[str, float])
     skills = sorted(next(iter(summary.values()))["iterations"][-1]["student_skills"])
     print("\nWhere the gain comes from, per skill (means over seeds): the skill's share of the "
           "seed split, the share of its probe questions the first assessment marked hard "
-          "(targeted arm), accepted instances generated for it over all iterations, and the "
+          f"({DEFAULT_ARM} arm), accepted instances generated for it over all iterations, and the "
           "student after the last iteration.\n")
     gen_arms = [a for a in arms if a != "none"]
     head = (["skill", "seed share", "marked hard (it 1)"] + [f"generated, {a}" for a in gen_arms]
             + [f"student, {a}" for a in arms]
-            + (["targeted - none"] if {"targeted", "none"} <= set(arms) else []))
+            + ([f"{DEFAULT_ARM} - none"] if {DEFAULT_ARM, "none"} <= set(arms) else []))
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
     for skill in skills:
         hard = []
         for r in runs:
-            if r["strategy"] == "targeted":
+            if r["strategy"] == DEFAULT_ARM:
                 c = r["iterations"][0]["hard"].get(skill, {})
                 judged = c.get("hard", 0) + c.get("easy", 0)
                 if judged:
@@ -241,46 +253,76 @@ def print_sources(runs: list[dict], summary: dict, seed_share: dict[str, float])
             cells.append(f"{statistics.fmean(_generated(r).get(skill, 0) for r in runs if r['strategy'] == a):.1f}")
         final = {a: summary[a]["iterations"][-1]["student_skills"][skill][0] for a in arms}
         cells += [f"{final[a]:.0f}" for a in arms]
-        if {"targeted", "none"} <= set(arms):
-            cells.append(f"{final['targeted'] - final['none']:+.0f}")
+        if {DEFAULT_ARM, "none"} <= set(arms):
+            cells.append(f"{final[DEFAULT_ARM] - final['none']:+.0f}")
         print("| " + " | ".join(cells) + " |")
 
 
-def print_self_improve(summary: dict) -> None:
-    """The self-improving teacher's skills against the teacher as given: in its rationale
-    format (CQM-LEA), where it checks and improves itself, and in the eval format
-    (CQM-A), where it must not lose."""
-    if "self-improve" not in summary:
+def print_self_improve(runs: list[dict], summary: dict) -> None:
+    """The self-improving teacher: where it found itself unreliable (first iteration), its
+    letters per skill as given and after each iteration, how right its self-made labels
+    were by the hidden truth, and how the skills it did not mark moved."""
+    if DEFAULT_ARM not in summary:
         return
-    s = summary["self-improve"]
-    its = s["iterations"]
-    lea0 = {k: v[0] for k, v in s["base_teacher"]["CQM-LEA"].items()}
+    s = summary[DEFAULT_ARM]
+    rs = [r for r in runs if r["strategy"] == DEFAULT_ARM]
     a0 = {k: v[0] for k, v in s["base_teacher"]["CQM-A"].items()}
-    print("\nSelf-improving teacher, per skill (mean over seeds): the teacher as given, then "
-          "after each iteration; its rationales (CQM-LEA, where it checks itself) and its "
-          "letters (CQM-A, the eval format).\n")
-    skills = sorted(lea0)
+    lea0 = {k: v[0] for k, v in s["base_teacher"].get("CQM-LEA", {}).items()}
+    skills = sorted(a0)
+    print("\nSelf-improving teacher, per skill (mean over seeds): its letters (CQM-A, the "
+          "eval format) as given and after each iteration, and its rationales (CQM-LEA) as "
+          "given.\n")
     print("| format | when | " + " | ".join(skills) + " | avg |")
     print("|---|---|" + "---:|" * (len(skills) + 1))
-    for fmt, base, key in (("CQM-LEA", lea0, "rationale_skills"), ("CQM-A", a0, "teacher_skills")):
-        rows = [("as given", base)] + [(f"iter {k}", {x: v[0] for x, v in i[key].items()})
-                                       for k, i in enumerate(its, 1)]
-        for when, sk in rows:
-            print(f"| {fmt} | {when} | " + " | ".join(f"{sk[x]:.1f}" for x in skills)
-                  + f" | {statistics.fmean(sk.values()):.1f} |")
-    weakest = min(lea0, key=lambda k: (lea0[k], k))
-    path = " -> ".join(f"{i['rationale_skills'][weakest][0]:.1f}" for i in its)
-    falls = [(i["teacher_skills"][k][0] - a0[k], k) for i in its for k in a0]
-    falls += [(i["rationale_skills"][k][0] - lea0[k], k) for i in its for k in lea0
-              if k != weakest]
-    worst = min(falls, default=(0.0, "-"))
-    t = statistics.fmean(s["final_student"])
-    print(f"\nIts weakest skill, {weakest} (rationales): {lea0[weakest]:.1f} as given -> "
-          f"{path} over the iterations; the largest fall of any other skill in either "
-          f"format: {worst[0]:+.1f} points ({worst[1]}). The student under it ends at {t:.1f}"
-          + (f" (targeted with a fixed teacher: "
-             f"{statistics.fmean(summary['targeted']['final_student']):.1f})."
-             if "targeted" in summary else "."))
+    rows = [("CQM-LEA", "as given", lea0)] if lea0 else []
+    rows += [("CQM-A", "as given", a0)] + [
+        ("CQM-A", f"iter {k}", {x: v[0] for x, v in i["teacher_skills"].items()})
+        for k, i in enumerate(s["iterations"], 1)]
+    for fmt, when, sk in rows:
+        print(f"| {fmt} | {when} | " + " | ".join(f"{sk[x]:.1f}" for x in skills)
+              + f" | {statistics.fmean(sk.values()):.1f} |")
+    marked: dict[str, int] = {}
+    probes: dict[str, int] = {}
+    labels = {"correct": 0, "wrong": 0, "ill_posed": 0, "n": 0}
+    per_iter = []
+    for k in range(1, len(s["iterations"]) + 1):
+        q = {"correct": 0, "n": 0, "judged": 0}
+        for r in rs:
+            t = r["diagnostics"].get(str(k), r["diagnostics"].get(k, {})).get("teacher_self")
+            if not t:
+                continue
+            for key in labels:
+                labels[key] += t["labels"].get(key, 0)
+            q["correct"] += t["labels"]["correct"]
+            q["n"] += t["labels"]["n"]
+            q["judged"] += t["labels"]["correct"] + t["labels"]["wrong"]
+            if k == 1:
+                for skill, c in t["per_skill"].items():
+                    marked[skill] = marked.get(skill, 0) + c["unreliable"]
+                    probes[skill] = probes.get(skill, 0) + c["n"]
+        per_iter.append(q)
+    # a skill counts as marked when at least a tenth of its probes were
+    weak = sorted(k for k, n in marked.items() if probes.get(k) and n >= 0.1 * probes[k])
+    print("\nProbes marked unreliable in iteration 1 (letter and rationale disagree), summed "
+          "over seeds: " + ", ".join(f"{k} {marked[k]}/{probes[k]}" for k in sorted(marked)
+                                     if marked[k]))
+    last = {x: v[0] for x, v in s["iterations"][-1]["teacher_skills"].items()}
+    if weak:
+        before = statistics.fmean(a0[k] for k in weak)
+        after = statistics.fmean(last[k] for k in weak)
+        print(f"Its letters on the skills it marked ({', '.join(weak)}): {before:.1f} as given "
+              f"-> {after:.1f} after the last iteration ({after - before:+.1f} points)")
+    others = [(last[k] - a0[k], k) for k in skills if k not in weak]
+    worst = min(others, default=(0.0, "-"))
+    print(f"Largest fall of a skill it did not mark: {worst[0]:+.1f} points ({worst[1]})")
+    judged = labels["correct"] + labels["wrong"]
+    print("Precision of its self-made labels by the hidden truth, per iteration (pooled over "
+          "seeds): " + ", ".join(
+              f"iter {k}: {q['correct']}/{q['judged']}" + (f" ({100 * q['correct'] / q['judged']:.0f}%)"
+                                                          if q["judged"] else "")
+              for k, q in enumerate(per_iter, 1))
+          + (f"; all: {100 * labels['correct'] / judged:.1f}% of {judged} judged "
+             f"({labels['ill_posed']} ill-posed)" if judged else ""))
 
 
 def main() -> int:
@@ -330,7 +372,7 @@ def main() -> int:
     print_table(summary, ratio, args.seeds)
     seed = [i.skill for i in seed_split.instances]
     print_sources(runs, summary, {k: seed.count(k) / len(seed) for k in set(seed)})
-    print_self_improve(summary)
+    print_self_improve(runs, summary)
     (out / "calibration_gain.json").write_text(json.dumps(
         {"args": vars(args), "parameters": n, "summary": summary, "runs": runs}, indent=2))
     plot(summary, out / "calibration_gain.png")

@@ -20,13 +20,15 @@ def test_calibration_gain_runs_every_arm_and_prints_its_tables(tmp_path):
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for arm in ("targeted", "random", "none", "self-improve"):
+    for arm in ("self-improve", "fixed-teacher", "random", "none"):
         assert f"| {arm} | 1 |" in out
     assert "| (before calibration) | 0 |" in out
     assert "Where the gain comes from" in out and "| count_color |" in out
-    assert "targeted - none (last iteration)" in out
-    assert "Self-improving teacher, per skill" in out and "| CQM-LEA | iter 1 |" in out
-    assert "Its weakest skill" in out
+    for other in ("fixed-teacher", "random", "none"):
+        assert f"self-improve - {other} (last iteration)" in out
+    assert "- original teacher:" in out
+    assert "Self-improving teacher, per skill" in out and "| CQM-A | iter 1 |" in out
+    assert "| CQM-LEA | as given |" in out and "Precision of its self-made labels" in out
     assert (tmp_path / "out" / "calibration_gain.json").is_file()
 
 

@@ -49,18 +49,46 @@ def _generated_per_skill(report: dict, diag: dict | None) -> str:
     return ", ".join(f"{s} {n}" for s, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _teacher_words(metrics: dict, before: dict | None, update: dict | None) -> str:
-    """The teacher's score; when it improves itself, what it learned and how its
-    rationales (the format it checks itself in) moved."""
+def _teacher_words(metrics: dict, before: dict | None, update: dict | None,
+                   diag: dict | None) -> str:
+    """The teacher's score; when it improves itself, where it found itself unreliable,
+    what it labelled and learned, and how its letters moved."""
     letters = f"The teacher scored {_avg(metrics['teacher']):.2f}"
-    rationales = metrics.get("teacher_rationales")
-    if not rationales:
+    if update is None:
         return letters + "."
-    learned = (f"It learned {update.get('instances', 0)} verified instances of its own, "
-               f"{update.get('with_rationale', 0)} with a rationale. " if update else "")
-    moved = _changes(before["skills"], rationales["skills"]) if before else ""
-    return (learned + letters + f" with letters and {_avg(rationales):.2f} with rationales"
-            + (f" ({moved})." if moved else "."))
+    words = []
+    t = (diag or {}).get("teacher_self")
+    if t:
+        weak = sorted(((s["unreliable"], k) for k, s in t["per_skill"].items()
+                       if s.get("unreliable")), reverse=True)
+        if weak:
+            words.append("The teacher found itself unreliable (its letter and its rationale "
+                         "disagree) on " + ", ".join(f"{k} ({n})" for n, k in weak[:4])
+                         + " probe questions.")
+    learned = (f"It labelled {update.get('instances', 0)} instances of its own by its "
+               f"rationales")
+    q = (t or {}).get("labels", {})
+    if q.get("label_acc") is not None:
+        learned += f" ({q['label_acc']:.0f}% right by the hidden truth)"
+    words.append(learned + f" and learned its letters on them, replaying "
+                 f"{update.get('replay', 0)} it answers consistently.")
+    moved = _changes(before["skills"], metrics["teacher"]["skills"]) if before else ""
+    words.append(letters + (f" with letters ({moved})." if moved else " with letters."))
+    return " ".join(words)
+
+
+def _ending(base: dict | None, last: dict | None) -> str:
+    """The student at the end against the original teacher (the teacher before any
+    calibration: the baseline's, else the first iteration's fixed teacher)."""
+    if not last:
+        return ""
+    original = (base or {}).get("teacher") or last.get("original_teacher")
+    if not original:
+        return ""
+    gap = _avg(last["student"]) - _avg(original)
+    where = "above" if gap > 0 else "below" if gap < 0 else "level with"
+    return (f"**In the end** the student scores {_avg(last['student']):.2f}, "
+            f"{abs(gap):.2f} points {where} the original teacher ({_avg(original):.2f}).")
 
 
 def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
@@ -69,7 +97,8 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
     lines = ["## What happened", ""]
     base = _read(run_dir / "baseline" / "metrics.json")
     prev = base["student"] if base else None
-    prev_rationales = (base or {}).get("teacher_rationales")
+    prev_teacher = (base or {}).get("teacher")
+    first_teacher, last = None, None
     if prev:
         lines.append(f"Before calibration the student scored {_avg(prev):.2f} "
                      "on the held-out test.")
@@ -107,10 +136,16 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
                                          " (no skill moved by 2 points or more)."))
         else:
             words.append(f"The student scored {acc:.2f}.")
-        words.append(_teacher_words(metrics, prev_rationales, _read(it / "teacher_update.json")))
-        prev_rationales = metrics.get("teacher_rationales") or prev_rationales
+        words.append(_teacher_words(metrics, prev_teacher, _read(it / "teacher_update.json"),
+                                    diag.get(k)))
+        prev_teacher = metrics["teacher"]
         lines += [" ".join(words), ""]
         prev = student
+        last = {**metrics, "original_teacher": first_teacher or metrics["teacher"]}
+        first_teacher = first_teacher or metrics["teacher"]
+    ending = _ending(base, last)
+    if ending:
+        lines += [ending, ""]
     return lines
 
 
@@ -183,7 +218,8 @@ def _diagnostics(run_dir: Path, iterations: int) -> dict:
 
 
 def write_plots(run_dir: Path, iterations: int) -> list[Path]:
-    """accuracy.png (overall and per skill, per iteration) and generated.png (accepted
+    """accuracy.png (overall and per skill, per iteration from 0, before calibration, with
+    the original teacher as a line) and generated.png (accepted
     and dropped instances per skill, summed over iterations)."""
     import matplotlib
 
@@ -205,13 +241,20 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
     if not its:
         return []
     out = []
+    # iteration 0: before calibration (the student as given; the original teacher)
+    base = _read(run_dir / "baseline" / "metrics.json") or {}
+    original = base.get("teacher") or metrics[0]["teacher"]
+    if base.get("student"):
+        its, metrics = [0, *its], [{"student": base["student"], "teacher": original}, *metrics]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for role, style in (("teacher", "--"), ("student", "-")):
         axes[0].plot(its, [_avg(m[role]) for m in metrics], style,
                      marker="o", label=role)
-    axes[0].set(title="held-out test accuracy", xlabel="iteration", ylabel="accuracy (%)")
+    axes[0].axhline(_avg(original), color="grey", linestyle=":", label="original teacher")
+    axes[0].set(title="held-out test accuracy", xlabel="iteration (0: before calibration)",
+                ylabel="accuracy (%)")
     axes[0].legend()
-    for skill in metrics[0]["student"]["skills"]:
+    for skill in metrics[-1]["student"]["skills"]:
         axes[1].plot(its, [m["student"]["skills"].get(skill, {}).get("acc") for m in metrics],
                      marker="o", label=skill)
     axes[1].set(title="student accuracy per skill", xlabel="iteration")

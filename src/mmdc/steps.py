@@ -79,7 +79,7 @@ def step_baseline(loop: Loop) -> str:
     res = evaluate_on(cfg, student_model(cfg, None), loop.test, "baseline: eval student")
     metrics = {"student": {"columns": res.columns, "skills": res.skills}}
     if cfg.loop.self_improve:
-        metrics.update(_teacher_metrics(loop, None, "baseline"))
+        metrics.update(_teacher_metrics(loop))
     if loop.main:
         write_json(loop.run_dir / "baseline" / "metrics.json", metrics)
     return f"student {res.accuracy:.2f} on the held-out test"
@@ -400,27 +400,22 @@ def restore_imitate(loop: Loop, k: int) -> None:
     loop.adapter = str(loop.it(k) / "student_adapter")
 
 
-def _teacher_metrics(loop: Loop, k: int | None, where: str) -> dict:
-    """The self-improving teacher on the held-out test in its rationale format
-    (CQM-LEA): where it improves. ``k`` None: the teacher as given."""
+def _teacher_metrics(loop: Loop) -> dict:
+    """The teacher as given on the held-out test, in the eval format and in its rationale
+    format (CQM-LEA): where its letters and its rationales part, before it improves."""
     cfg = loop.cfg
-    step = "baseline" if k is None else f"iter_{k}/evaluate"
-    res = evaluate_on(cfg, _journaled(teacher_backend(cfg, loop.teacher_adapter if k else None,
-                                                      loop.run_dir),
-                                      loop.run_dir, step, "teacher-rationales"),
-                      loop.test, f"{where}: eval teacher rationales", fmt="CQM-LEA",
+    res = evaluate_on(cfg, _journaled(teacher_backend(cfg, None, loop.run_dir), loop.run_dir,
+                                      "baseline", "teacher-rationales"),
+                      loop.test, "baseline: eval teacher rationales", fmt="CQM-LEA",
                       max_new_tokens=cfg.generate.max_new_tokens)
-    out = {"teacher_rationales": {"columns": res.columns, "skills": res.skills}}
-    if k is None:  # the teacher as given, in the eval format too
-        base = evaluate_on(cfg, teacher_backend(cfg, None, loop.run_dir), loop.test,
-                           "baseline: eval teacher")
-        out["teacher"] = {"columns": base.columns, "skills": base.skills}
-    return out
+    base = evaluate_on(cfg, teacher_backend(cfg, None, loop.run_dir), loop.test,
+                       "baseline: eval teacher")
+    return {"teacher": {"columns": base.columns, "skills": base.skills},
+            "teacher_rationales": {"columns": res.columns, "skills": res.skills}}
 
 
 def step_evaluate(loop: Loop, k: int) -> str:
-    """Teacher and student on the held-out test split (and the self-improving teacher in
-    its rationale format too)."""
+    """Teacher and student on the held-out test split."""
     cfg, it, step = loop.cfg, loop.it(k), f"iter_{k}/evaluate"
     metrics = {}
     for role in ("teacher", "student"):
@@ -429,8 +424,6 @@ def step_evaluate(loop: Loop, k: int) -> str:
         if loop.main:
             res.save(it, f"{role}_test")
         metrics[role] = {"columns": res.columns, "skills": res.skills}
-    if cfg.loop.self_improve:
-        metrics.update(_teacher_metrics(loop, k, f"iter {k}"))
     if loop.main:
         write_json(it / "metrics.json", metrics)
     return "held-out test: " + ", ".join(f"{role} {m['columns']['Avg']['acc']:.2f}"

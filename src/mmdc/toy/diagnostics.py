@@ -102,8 +102,40 @@ def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None 
             s["n"] += 1
             s["wrong"] += row.get("choice") != inst.answer
             s["hard"] += hard.get(inst.id) is True
-    return {"label_quality": quality, "generated_skills": dict(sorted(generated_skills.items())),
-            "acceptance": acceptance, "student_probe_errors": dict(sorted(student_errors.items()))}
+    out = {"label_quality": quality, "generated_skills": dict(sorted(generated_skills.items())),
+           "acceptance": acceptance, "student_probe_errors": dict(sorted(student_errors.items()))}
+    if (it / "teacher_self_assessment.jsonl").is_file():
+        out["teacher_self"] = _teacher_self(it, scenes, probe)
+    return out
+
+
+def _teacher_self(it: Path, scenes: dict[str, dict], probe: list | None) -> dict:
+    """The self-improving teacher against the hidden truth: per skill, its letters'
+    errors on the probes and how many it marked unreliable (letter and rationale
+    disagree), and the precision of the labels it gave its own instances."""
+    own = read_jsonl(it / "teacher_generated_accepted.jsonl") if (
+        it / "teacher_generated_accepted.jsonl").is_file() else []
+    per_skill: dict[str, dict] = {}
+    by_id = {i.id: i for i in probe or []}
+    for row in read_jsonl(it / "teacher_self_assessment.jsonl"):
+        inst = by_id.get(row["id"])
+        if inst is None:
+            continue
+        s = per_skill.setdefault(inst.skill or "(none)",
+                                 {"n": 0, "letter_wrong": 0, "rationale_wrong": 0,
+                                  "unreliable": 0, "own_labels": 0, "own_right": 0})
+        s["n"] += 1
+        s["letter_wrong"] += row["letter"] != inst.answer
+        s["rationale_wrong"] += row["rationale"] != inst.answer
+        s["unreliable"] += bool(row["unreliable"])
+    for record in own:
+        skill, verdict = check_record(record, scenes)
+        s = per_skill.setdefault(skill or "(off-template)",
+                                 {"n": 0, "letter_wrong": 0, "rationale_wrong": 0,
+                                  "unreliable": 0, "own_labels": 0, "own_right": 0})
+        s["own_labels"] += 1
+        s["own_right"] += verdict == "correct"
+    return {"labels": _quality(own, scenes), "per_skill": dict(sorted(per_skill.items()))}
 
 
 def run_diagnostics(run_dir: Path, iterations: int, scenes: dict[str, dict],
@@ -189,6 +221,7 @@ def format_diagnostics(diag: dict[int, dict]) -> str:
         a = d["acceptance"]
         lines.append(f"| {k} | {a['asked']} | {_pct(a['accepted'], a['asked'])} | " + " | ".join(
             _pct(a[r], a["asked"]) for r in DROP_REASONS) + " |")
+    lines += _format_teacher_self(diag)
     skills = sorted({s for d in diag.values() for s in d["student_probe_errors"]}
                     | {s for d in diag.values() for s in d["generated_skills"]})
     if skills:
@@ -205,3 +238,27 @@ def format_diagnostics(diag: dict[int, dict]) -> str:
                           str(e["hard"]) if e else "-", str(d["generated_skills"].get(s, 0))]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _format_teacher_self(diag: dict[int, dict]) -> list[str]:
+    if not any("teacher_self" in d for d in diag.values()):
+        return []
+    lines = ["", "Self-improving teacher, per skill: its letters' errors on the probes, the "
+             "probes it marked unreliable (letter and rationale disagree), and the labels it "
+             "gave its own instances by its rationales (right / labelled).", "",
+             "| iter | skill | probes | letter wrong | rationale wrong | marked unreliable "
+             "| own labels right |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for k, d in diag.items():
+        t = d.get("teacher_self")
+        if not t:
+            continue
+        for skill, s in t["per_skill"].items():
+            lines.append(f"| {k} | {skill} | {s['n']} | {s['letter_wrong']} | "
+                         f"{s['rationale_wrong']} | {s['unreliable']} | "
+                         f"{s['own_right']} / {s['own_labels']} |")
+        q = t["labels"]
+        acc = "-" if q["label_acc"] is None else f"{q['label_acc']:.1f}%"
+        lines.append(f"| {k} | (all its own labels) | | | | | {q['correct']} / {q['n']} "
+                     f"({acc}; ill-posed {q['ill_posed']}) |")
+    return lines
+
