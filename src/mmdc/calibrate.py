@@ -84,8 +84,10 @@ ITERATION = (
 def _setup(cfg: Config) -> Loop:
     """Check what can be checked before any work, then load the data."""
     from mmdc import distributed
+    from mmdc.config import check_loop_teacher
     from mmdc.stages.imitate import check_kd_compatible
 
+    check_loop_teacher(cfg)
     if cfg.imitate.kd != "none":  # fail at start-up, not after hours of work
         check_kd_compatible(cfg.teacher.path, cfg.student.path)
     main = distributed.is_main()  # rank 0 writes the run folder; every rank computes

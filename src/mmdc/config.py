@@ -198,15 +198,16 @@ class LoopConfig(_Section):
     # the self-improving teacher (mmdc.stages.improve), label-free: it finds where its own
     # letter and rationale disagree on the probes, writes instances there, labels them by
     # the majority of its sampled rationales and learns its letters on those labels,
-    # replaying the probes it answers consistently
-    self_improve: bool = False
+    # replaying seed-split instances it answers consistently (off: the teacher as given)
+    self_improve: bool = True
     teacher_seeds: int = Field(64, ge=0)  # seeds per iteration for the teacher's weak spots
     # the format of the k answers whose majority labels the teacher's own instances (its
     # written label votes too, as in generate.written_vote), and the share that must agree
     teacher_verify_prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
     teacher_tau: float = Field(0.6, ge=0.0, le=1.0)
-    # probes where its letter and rationale agreed, replayed with that answer in each update
-    teacher_replay: int = Field(96, ge=0)
+    # seed-split instances where its letter and rationale agree, replayed with that shared
+    # answer (never the split's label) in each update
+    teacher_replay: int = Field(256, ge=0)
     # the teacher's LoRA update on its own labelled instances and the replay
     teacher_train: TrainConfig = TrainConfig(max_steps=100, learning_rate=5e-4)
 
@@ -386,8 +387,6 @@ def check_consistent(cfg: Config, source: str = "config") -> None:
             needs_weights.append("align.roles contains teacher")
         if cfg.imitate.kd != "none":
             needs_weights.append(f"imitate.kd={cfg.imitate.kd}")
-        if cfg.loop.self_improve:
-            needs_weights.append("loop.self_improve=true")
         if m.adapter:
             needs_weights.append("teacher.adapter is set (serve the adapter instead: "
                                  "mmdc serve PATH --adapter DIR)")
@@ -395,6 +394,17 @@ def check_consistent(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: key 'teacher.backend': {m.backend} serves "
                               f"generations only, but {'; '.join(needs_weights)} needs the "
                               "teacher's weights in-process (use backend hf)")
+
+
+def check_loop_teacher(cfg: Config, source: str = "config") -> None:
+    """The calibration loop's self-improving teacher (the default) learns, so it needs its
+    weights in-process; a served teacher can still be evaluated, or used with
+    ``loop.self_improve=false``."""
+    if cfg.loop.self_improve and cfg.teacher.backend != "hf":
+        raise ConfigError(f"{source}: key 'teacher.backend': {cfg.teacher.backend} serves "
+                          "generations only, but loop.self_improve=true (the default) needs "
+                          "the teacher's weights in-process (use backend hf, or "
+                          "loop.self_improve=false for a teacher as given)")
 
 
 def secret_from_env(var: str, key: str) -> str:

@@ -309,30 +309,48 @@ def restore_teacher_generate(loop: Loop, k: int) -> None:
 
 
 def step_teacher_update(loop: Loop, k: int) -> str:
-    """The teacher learns its direct answers on the instances it labelled by its
-    rationales, replaying the probes where its letter and rationale agreed."""
-    from mmdc.stages.improve import replay_set, update_rows
+    """The teacher learns its direct answers on every instance it has labelled by its
+    rationales so far, from where it started (so that updates do not pile up), replaying
+    seed-split instances where its own letter and rationale agree."""
+    from mmdc.stages.imitate import answer_pool
+    from mmdc.stages.improve import replay_set, unreliable, update_rows
 
-    cfg, it = loop.cfg, loop.it(k)
-    own = read_pool(it / "teacher_generated_accepted.jsonl")
-    replay = replay_set(read_jsonl(it / "teacher_self_assessment.jsonl"),
-                        {i.id: i for i in loop.probe.instances}, cfg.loop.teacher_replay,
-                        f"{cfg.seed}-teacher-replay-{k}") if own else []
-    losses: list[float] = []
+    cfg, it, step = loop.cfg, loop.it(k), f"iter_{k}/teacher_update"
+    own = [i for j in range(1, k + 1)
+           for i in read_pool(loop.it(j) / "teacher_generated_accepted.jsonl")]
+    replay, losses = [], []
+    if own and cfg.loop.teacher_replay:
+        seeds = [i for i in loop.labelled if i.choices]
+        images = _images_of(loop, seeds)
+        letters = answer_pool(loop.teacher(step), seeds, images, fmt="CQM-A",
+                              max_new_tokens=cfg.eval.max_new_tokens,
+                              batch_size=cfg.eval.batch_size, desc=f"iter {k}: replay letters")
+        rationales = answer_pool(loop.teacher(step, "teacher-rationales"), seeds, images,
+                                 fmt="CQM-LEA", max_new_tokens=cfg.generate.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size,
+                                 desc=f"iter {k}: replay rationales")
+        replay = replay_set(unreliable(seeds, letters, rationales), {i.id: i for i in seeds},
+                            cfg.loop.teacher_replay, f"{cfg.seed}-teacher-replay-{k}")
+        gc.collect()
     if own:
-        rows = update_rows(own, _images_of(loop, own), replay,
-                           [loop.probe.image(i) for i in replay])
-        losses = train_role(cfg, cfg.teacher, rows, loop.teacher_adapter, it / "teacher_adapter",
+        rows = update_rows(own, _images_of(loop, own), replay, _images_of(loop, replay))
+        losses = train_role(cfg, cfg.teacher, rows, _teacher_start(loop), it / "teacher_adapter",
                             loop.run_dir / "tensorboard" / f"teacher-{k}",
-                            cfg.loop.teacher_train, label=f"iter_{k}/teacher_update",
+                            cfg.loop.teacher_train, label=step,
                             max_length_key="loop.teacher_train.max_length")
     if loop.main:
         write_json(it / "teacher_update.json", {"instances": len(own), "replay": len(replay),
                                                 "losses": losses})
     if not own:
         return "nothing for the teacher to learn (no instance of its own labelled)"
-    return (f"the teacher learned its letters on {len(own)} instances it labelled, replaying "
-            f"{len(replay)} it answers consistently, " + loss_words(losses))
+    return (f"the teacher learned its letters on the {len(own)} instances it has labelled, "
+            f"replaying {len(replay)} it answers consistently, " + loss_words(losses))
+
+
+def _teacher_start(loop: Loop) -> str | None:
+    """Where every teacher update starts: its stage-1 adapter, or the teacher as given."""
+    aligned = loop.run_dir / "align" / "teacher" / "adapter"
+    return str(aligned) if "teacher" in loop.cfg.align.roles else None
 
 
 def restore_teacher_update(loop: Loop, k: int) -> None:

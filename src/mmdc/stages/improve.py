@@ -11,9 +11,11 @@ teacher's own answers.
 2. Generation: those probes seed new instances of the same kind, written and parsed as
    the student's are, and labelled by the majority of k sampled rationales
    (``loop.teacher_verify_prompt``; at least ``loop.teacher_tau`` of the votes agree).
-3. Update (:func:`update_rows`): LoRA on the letters of those instances, with their
-   rationale-majority labels, and on a replay of the probes where its letter and its
-   rationale agreed (that shared answer as the letter).
+3. Update (:func:`update_rows`): LoRA on the letters of every instance it has labelled
+   so far, with their rationale-majority labels, and on a replay of seed-split instances
+   where its letter and its rationale agree (that shared answer as the letter, never the
+   split's label), each iteration from where the teacher started, so that updates do not
+   pile up.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def unreliable(instances: list[Instance], letters: list[dict], rationales: list[
 
 def replay_set(rows: list[dict], by_id: dict[str, Instance], n: int, seed: str
                ) -> list[Instance]:
-    """Up to ``n`` probes where the teacher's letter and rationale agreed, each a copy
+    """Up to ``n`` instances where the teacher's letter and rationale agreed, each a copy
     whose answer is that shared answer (not the probe's label), drawn evenly over skills
     so that the common ones do not crowd out the rest."""
     agreed: dict[str, list[Instance]] = {}
@@ -60,7 +62,7 @@ def replay_set(rows: list[dict], by_id: dict[str, Instance], n: int, seed: str
 def update_rows(own: list[Instance], own_images: list, replay: list[Instance],
                 replay_images: list) -> list[dict]:
     """The teacher's update: its direct answers (CQM-A) on the instances it labelled by
-    its rationales' majority, and on the replayed probes."""
+    its rationales' majority, and on the replayed ones."""
     from mmdc.stages.align import sft_rows
 
     instances, images = own + replay, own_images + replay_images
