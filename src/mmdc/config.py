@@ -204,7 +204,7 @@ class LoopConfig(_Section):
     # the format of the k answers whose majority labels the teacher's own instances (its
     # written label votes too, as in generate.written_vote), and the share that must agree
     teacher_verify_prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
-    teacher_tau: float = Field(0.6, ge=0.0, le=1.0)
+    teacher_tau: float = Field(0.9, ge=0.0, le=1.0)
     # seed-split instances where its letter and rationale agree, replayed with that shared
     # answer (never the split's label) in each update
     teacher_replay: int = Field(256, ge=0)
