@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m 'slow or gpu'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

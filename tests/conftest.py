@@ -12,7 +12,14 @@ import pytest
 from mmdc.data.load import write_synthetic_task
 from mmdc.toy.world import TaskSizes
 
-MINI = Path(__file__).parent / "data" / "scienceqa_mini"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+DATA = Path(__file__).resolve().parent / "data"
+MINI = DATA / "scienceqa_mini"
+# the calibration loop at its smallest: one iteration, a few steps of each stage
+TINY = ["loop.iterations=1", "align.train.max_steps=3", "align.train.batch_size=8",
+        "imitate.train.max_steps=3", "imitate.train.batch_size=8", "generate.per_iteration=4",
+        "generate.k=2", "imitate.max_new_tokens=40", "generate.max_new_tokens=80",
+        "loop.self_improve=false"]  # the self-improving teacher has tests of its own
 SMALL = TaskSizes(pretrain=0, train=24, pool=8, val=16, test=32)
 
 
@@ -57,7 +64,7 @@ def plain_llava(tmp_path_factory) -> Path:
     for text in ["USER: ASSISTANT: Context: N/A Question: Options: Answer with the option's "
                  "letter from the given choices directly. (A) (B) (C) (D) A B C D"]:
         words.update(re.findall(r"\w+|[^\w\s]", text))
-    problems = json.loads((Path(__file__).parent / "data" / "scienceqa_mini" /
+    problems = json.loads((MINI /
                            "problems.json").read_text(encoding="utf-8"))
     for p in problems.values():
         for t in [p["question"], p["hint"], *p["choices"]]:

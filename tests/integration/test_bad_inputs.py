@@ -15,8 +15,7 @@ import pytest
 from PIL import Image
 
 from mmdc.cli import main
-
-MINI = Path(__file__).parent / "data" / "scienceqa_mini"
+from tests.conftest import MINI
 
 
 def _mini(tmp_path: Path) -> Path:

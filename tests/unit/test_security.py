@@ -1,9 +1,8 @@
 """What mmdc refuses to trust: pickles, remote code, teacher text as paths."""
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+from tests.conftest import ROOT
 
 
 def _sources():

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import small_data_overrides
-from .test_run import TINY
+from tests.conftest import TINY, small_data_overrides
 
 # step name and progress: "STEP:WHO@N" after generation batch N, "STEP@N" after training
 # step N, "after:STEP" once the step is recorded (see mmdc.faults)

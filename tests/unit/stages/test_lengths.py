@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmdc.cli import main
-
-from .conftest import small_data_overrides
+from tests.conftest import small_data_overrides
 
 
 @pytest.fixture(scope="module")

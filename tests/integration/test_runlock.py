@@ -15,9 +15,7 @@ import pytest
 
 from mmdc.cli import main
 from mmdc.runlock import LOCK_NAME, acquire, release
-
-from .conftest import small_data_overrides
-from .test_run import TINY
+from tests.conftest import TINY, small_data_overrides
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:

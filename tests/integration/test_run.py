@@ -6,13 +6,7 @@ import math
 import pytest
 
 from mmdc.cli import main
-
-from .conftest import small_data_overrides
-
-TINY = ["loop.iterations=1", "align.train.max_steps=3", "align.train.batch_size=8",
-        "imitate.train.max_steps=3", "imitate.train.batch_size=8", "generate.per_iteration=4",
-        "generate.k=2", "imitate.max_new_tokens=40", "generate.max_new_tokens=80",
-        "loop.self_improve=false"]  # the self-improving teacher has tests of its own
+from tests.conftest import TINY, small_data_overrides
 
 ITER_FILES = {
     "assessment.jsonl", "assessment_summary.json", "generated_accepted.jsonl",

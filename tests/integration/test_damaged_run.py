@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from mmdc.cli import main
-
-from .conftest import small_data_overrides
-from .test_run import TINY
+from tests.conftest import TINY, small_data_overrides
 
 
 def _half(path: Path) -> None:

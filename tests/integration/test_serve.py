@@ -21,9 +21,8 @@ from mmdc.generation import Request
 from mmdc.models.backends import OpenAIBackend, image_data_url
 from mmdc.prompts import build_prompt
 from mmdc.toy import world
-
-from .conftest import free_port, small_data_overrides
-from .test_bad_inputs import bomb_png
+from tests.conftest import free_port, small_data_overrides
+from tests.integration.test_bad_inputs import bomb_png
 
 TOKEN_ENV = "MMDC_TEST_SERVE_TOKEN"
 TOKEN = "s3cret-test-token-7f1c"
@@ -173,7 +172,7 @@ def test_openai_backend_matches_the_hf_backend(server, requests_):
 
 
 def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_path, capsys):
-    from .test_run import TINY
+    from tests.conftest import TINY
 
     data = small_data_overrides(tmp_path / "data")
     greedy = [*TINY, "generate.temperature=0"]
@@ -304,7 +303,7 @@ def test_dead_endpoint_is_a_clear_error_and_nothing_answered_is_lost(server, req
 
 def test_run_with_an_unreachable_teacher_fails_in_one_line(tmp_path, capsys):
     data = small_data_overrides(tmp_path / "data")
-    from .test_run import TINY
+    from tests.conftest import TINY
 
     args = ["run", f"run_dir={tmp_path / 'run'}", *data, *TINY, "teacher.backend=openai",
             f"teacher.endpoint=http://127.0.0.1:{free_port()}/v1", "teacher.max_retries=0"]

@@ -5,8 +5,7 @@ import pytest
 from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf, write_scienceqa
 from mmdc.errors import DataError
-
-from .conftest import edit_problem as _edit
+from tests.conftest import edit_problem as _edit
 
 
 def test_real_layout_text_only_and_unicode(mini):

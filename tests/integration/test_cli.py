@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmdc.cli import main
-
-from .conftest import edit_problem as _edit
+from tests.conftest import edit_problem as _edit
 
 
 def run_error(capsys, argv) -> str:

@@ -10,8 +10,7 @@ from mmdc.data.scienceqa import read_scienceqa
 from mmdc.errors import DataError
 from mmdc.evaluation import columns_of
 from mmdc.toy import world
-
-from .conftest import SMALL
+from tests.conftest import SMALL
 
 
 def test_deterministic_by_seed():

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from mmdc.cli import MULTI_PROCESS_COMMANDS, main
+from tests.conftest import ROOT, free_port, small_data_overrides
 
-from .conftest import free_port, small_data_overrides
-
-ACCELERATE_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob(
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob(
     "*.yaml"))
 
 
@@ -100,7 +99,7 @@ def test_run_on_two_processes_writes_the_one_process_run_folder(synth_root, tmp_
     sharded and gathered, rank 0 writing. Greedy generation (generate.temperature=0)."""
     import json
 
-    from .test_run import TINY
+    from tests.conftest import TINY
 
     args = [f"data.root={synth_root}", *small_data_overrides(synth_root)[1:], *TINY,
             "generate.temperature=0"]
@@ -156,4 +155,4 @@ def test_shipped_accelerate_configs_parse_and_name_a_distributed_command(path):
     assert words[words.index("--config_file") + 1] == f"configs/accelerate/{path.name}"
     assert words[words.index("-m") + 1] == "mmdc"
     assert words[words.index("-m") + 2] in MULTI_PROCESS_COMMANDS
-    assert (Path(__file__).parent.parent / words[-1]).is_file()  # the mmdc config it names
+    assert (ROOT / words[-1]).is_file()  # the mmdc config it names

@@ -1,12 +1,12 @@
-from pathlib import Path
 
 import pytest
 import yaml
 
 from mmdc.config import Config, config_to_yaml, load_config
 from mmdc.errors import ConfigError
+from tests.conftest import ROOT
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_shipped_configs_exist():
@@ -24,13 +24,13 @@ def test_every_shipped_config_validates(path):
 
 
 def test_default_yaml_is_the_builtin_default():
-    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "default.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     assert shipped == yaml.safe_load(config_to_yaml(Config()))
     assert load_config(None) == Config()
 
 
 def test_real_model_config_names_llava_pair():
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "llava15_13b_to_7b_scienceqa.yaml")
+    cfg = load_config(ROOT / "configs" / "llava15_13b_to_7b_scienceqa.yaml")
     assert "13b" in cfg.teacher.path and "7b" in cfg.student.path
     assert cfg.data.format == "scienceqa"
 

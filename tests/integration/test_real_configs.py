@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mmdc.config import load_config
+from tests.conftest import MINI, ROOT
 
-CONFIGS = Path(__file__).parent.parent / "configs"
-MINI = Path(__file__).parent / "data" / "scienceqa_mini"
+CONFIGS = ROOT / "configs"
 # each real-model config and the architecture its "# architecture:" line names
 REAL = {
     "llava15_13b_to_7b_scienceqa.yaml": "LlavaForConditionalGeneration",

@@ -2,12 +2,8 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
-from .conftest import small_data_overrides
-from .test_run import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, TINY, small_data_overrides
 
 
 def test_calibration_gain_runs_every_arm_and_prints_its_tables(tmp_path):
