@@ -34,7 +34,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m 'slow or gpu'
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks scripts docs/experiments/probes
 
 bench: $(STAMP)
 	$(PY) benchmarks/toy_models.py

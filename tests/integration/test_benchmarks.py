@@ -50,12 +50,12 @@ def test_real_scale_runs_tiny_on_cpu(tmp_path):
 
 
 def test_imitation_ceiling_trains_on_oracle_instances_and_prints_per_skill(tmp_path):
-    """benchmarks/imitation_ceiling.py: one imitation step per N, oracle labels, a row
+    """docs/experiments/probes/imitation_ceiling.py: one imitation step per N, oracle labels, a row
     per N with every skill of the test split."""
     overrides = [*small_data_overrides(tmp_path / "data"), "imitate.train.max_steps=2",
                  "imitate.train.batch_size=4"]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "imitation_ceiling.py"), "--skill",
+        [sys.executable, str(ROOT / "docs/experiments/probes/imitation_ceiling.py"), "--skill",
          "spatial", "--n", "0", "5", "--weight", "1", "2", *overrides],
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,8 +9,8 @@ drawn from their hidden scenes), each repeated ``--weight`` times as the loop re
 generated instances. The student starts from a fresh adapter on the base student, as
 the loop's alignment does. Prints the held-out test accuracy per skill for each N.
 
-    python benchmarks/imitation_ceiling.py --skill spatial --n 0 40 300 1000 --weight 8 8 1 1
-    python benchmarks/imitation_ceiling.py --skill spatial --n 1000 --weight 1 align.lora.r=64
+    python docs/experiments/probes/imitation_ceiling.py --skill spatial --n 0 40 300 1000 --weight 8 8 1 1
+    python docs/experiments/probes/imitation_ceiling.py --skill spatial --n 1000 --weight 1 align.lora.r=64
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ wrong, or the question ill-posed on its image), per skill. With ``generate.writt
 on (the default) and tau 0.9, only "unanimous, written agrees" is kept; the row
 "unanimous, written differs" is what turning it off would add.
 
-    python benchmarks/verification_votes.py runs/cg/seed0_targeted runs/cg/seed1_targeted
+    python docs/experiments/probes/verification_votes.py runs/cg/seed0_targeted runs/cg/seed1_targeted
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ steps the held-out accuracy per skill in the stage's own terms:
   CQM-LEA with 64), and, when the stage writes, how many written instances parse and are
   well-posed with the right label on fresh pool-like images.
 
-    python benchmarks/toy_recipe_probe.py --role teacher
-    python benchmarks/toy_recipe_probe.py --role student --eval-every 250
-    python benchmarks/toy_recipe_probe.py --role teacher --stage instruct --init DIR
+    python docs/experiments/probes/toy_recipe_probe.py --role teacher
+    python docs/experiments/probes/toy_recipe_probe.py --role student --eval-every 250
+    python docs/experiments/probes/toy_recipe_probe.py --role teacher --stage instruct --init DIR
 
 ``--steps S1,S2`` overrides the stages' steps (for a quick look); ``--save DIR`` keeps
 the model after the last stage run; ``--init DIR`` starts from a saved model (evaluated
