@@ -87,11 +87,11 @@ def main() -> int:
                 align.PROJECTOR_MODULES = None
             train_sft = align.train_sft
             if ours.get("freeze"):  # train with these modules (by name) frozen
-                def frozen(model, *a, _part=ours["freeze"], **kw):
+                def frozen(model, *a, _part=ours["freeze"], _train=train_sft, **kw):
                     for n, p in model.named_parameters():
                         if _part in n:
                             p.requires_grad_(False)
-                    return train_sft(model, *a, **kw)
+                    return _train(model, *a, **kw)
 
                 align.train_sft = frozen
             start = time.time()
