@@ -349,8 +349,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from mmdc.data.load import load_split
+    from mmdc.toy.task import prepare_data
 
     # the task is written once here, before runs that would race to write it
+    prepare_data(cfg.data)
     seed_split = load_split(cfg.data, cfg.data.seed_split)
 
     def timed(job: tuple[int, str]) -> dict:

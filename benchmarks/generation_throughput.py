@@ -19,10 +19,11 @@ import torch
 
 from mmdc.config import load_config
 from mmdc.data.load import load_split
+from mmdc.data.prompts import build_prompt, build_write_prompt
 from mmdc.generation import Request, generate
 from mmdc.models.load import load_model
-from mmdc.prompts import build_prompt, build_write_prompt
 from mmdc.toy import world
+from mmdc.toy.task import prepare_data
 
 
 def write_requests(seeds: list) -> list[Request]:
@@ -35,6 +36,7 @@ def write_requests(seeds: list) -> list[Request]:
 
 def requests(task: str, n: int, data_root: str) -> list[Request]:
     cfg = load_config(None, [f"data.root={data_root}"])
+    prepare_data(cfg.data)
     split = load_split(cfg.data, cfg.data.test_split)
     insts = split.instances[:n]
     if task == "answer":  # the teacher's CQM-LEA rationale answers (imitate, verify)

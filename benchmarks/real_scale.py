@@ -11,7 +11,7 @@ project's own code:
   memory-bandwidth bound: a step reads the language model's weights (not the input
   embeddings, not the vision tower) and every sequence's KV cache;
   with ``vllm`` installed, the same requests through the project's ``vllm`` backend;
-* LoRA training, :func:`mmdc.stages.align.train_sft` (TRL's SFTTrainer, LoRA r 8, the
+* LoRA training, :func:`mmdc.training.train_sft` (TRL's SFTTrainer, LoRA r 8, the
   projector in full): tokens/s after two warm-up steps and MFU, at 4 N FLOPs per
   language-model token (forward 2 N, backward 2 N for activations only: the base
   weights are frozen) plus 2 N per vision-tower patch (forward only).
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
+from mmdc.data.prompts import build_prompt
 from mmdc.generation import Request, generate
 from mmdc.models.shapes import SHAPES, build
-from mmdc.prompts import build_prompt
 from mmdc.toy import world
 
 
@@ -111,7 +111,7 @@ def kv_bytes_per_token(model, dtype) -> int:
 
 
 def bench_generation(model, processor, device, dtype, bounds, args) -> list[dict]:
-    from mmdc.stages.lengths import LengthCounter
+    from mmdc.training import LengthCounter
 
     reqs = requests(max(args.batches))
     counter = LengthCounter(processor)
@@ -176,8 +176,7 @@ def bench_training(model, processor, device, bounds, args) -> dict:
     from transformers import TrainerCallback
 
     from mmdc.config import LoraConfigSection, TrainConfig
-    from mmdc.stages.align import apply_lora, sft_rows, train_sft
-    from mmdc.stages.lengths import LengthCounter
+    from mmdc.training import LengthCounter, apply_lora, sft_rows, train_sft
 
     steps, batch = args.train_steps, args.train_batch
     pairs = instances(steps * batch)

@@ -60,8 +60,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
 
+    from mmdc.data.prompts import build_prompt
     from mmdc.models.backends import chat_messages, image_data_url
-    from mmdc.prompts import build_prompt
     from mmdc.toy import world
 
     port = free_port()

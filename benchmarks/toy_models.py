@@ -30,6 +30,7 @@ from mmdc.evaluation import evaluate
 from mmdc.models.load import TOY_DIR, count_parameters, load_model, vocab_report
 from mmdc.toy.build import MANIFEST, VISION, build_toy
 from mmdc.toy.diagnostics import writing_check
+from mmdc.toy.task import prepare_data
 
 
 def main() -> int:
@@ -53,6 +54,8 @@ def main() -> int:
         total_build = time.time() - start
 
     cfg = load_config(None, [f"data.root={args.data_root}"])
+
+    prepare_data(cfg.data)
     split = load_split(cfg.data, cfg.data.test_split)
     ev = cfg.eval
     vision = json.loads((folder / VISION / MANIFEST).read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdc.data.load import write_synthetic_task
+from mmdc.toy.task import write_synthetic_task
 from mmdc.toy.world import TaskSizes
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mmdc import artifacts
 from mmdc.config import Config, save_resolved
 from mmdc.data.images import ImageCache, check_images
 from mmdc.data.load import load_split_collective, read_image_pool
@@ -55,6 +56,7 @@ from mmdc.steps import (
     step_teacher_generate,
     step_teacher_update,
 )
+from mmdc.toy.task import prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ def _setup(cfg: Config) -> Loop:
         state.watch()
     if main:
         save_resolved(cfg, run_dir)
+    prepare_data(cfg.data)
     seed_split = load_split_collective(cfg.data, cfg.data.seed_split)
     probe = load_split_collective(cfg.data, cfg.data.probe_split)
     test = load_split_collective(cfg.data, cfg.data.test_split)
@@ -113,7 +116,7 @@ def _setup(cfg: Config) -> Loop:
         log.warning("no unlabelled image pool (data.pool): the teacher can only write "
                     "text-only instances; seeds with an image are skipped")
     if not state.done:  # sizes that cannot fit are refused before any work starts
-        from mmdc.stages.lengths import check_lengths
+        from mmdc.lengths import check_lengths
 
         check_lengths(cfg, seed_split, [probe, test])
     return Loop(cfg, run_dir, state, main, seed_split, probe, test, ImageCache(seed_split.root, cfg.data.max_image_pixels),
@@ -164,9 +167,9 @@ def final_student_adapter(run_dir: Path) -> Path:
 def export_student(run_dir: Path, out: Path) -> Path:
     """Merge the run's final student adapter into the base and save a plain checkpoint."""
     from mmdc.config import load_config
-    from mmdc.stages.align import export_merged
+    from mmdc.training import export_merged
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / artifacts.CONFIG)
     adapter = final_student_adapter(run_dir)
     loaded = load_configured(cfg.student, str(adapter))
     return export_merged(loaded.model, loaded.processor, out)

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from mmdc import artifacts
 from mmdc.errors import MmdcError
 
 
@@ -42,14 +43,17 @@ def _owning(run_dir, args, writes: bool = True):
 
 def _load_cfg(args):
     from mmdc.config import load_config
+    from mmdc.toy.task import prepare_data
 
     config, overrides = _split_config_args(args)
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    prepare_data(cfg.data)  # the built-in synthetic task, written once into data.root
+    return cfg
 
 
 def cmd_data_synth(args) -> int:
-    from mmdc.data.load import write_synthetic_task
     from mmdc.data.pool import ensure_dir
+    from mmdc.toy.task import write_synthetic_task
     from mmdc.toy.world import TaskSizes
 
     ensure_dir(args.out, "--out")
@@ -212,7 +216,7 @@ def _align_roles(cfg, run_dir: Path) -> None:
         out = run_dir / "align" / role
         summary = run_align(cfg, role, out)
         if distributed.is_main():
-            write_json(out / "metrics.json", summary)
+            write_json(out / artifacts.METRICS, summary)
             print(f"aligned {role}: {summary['instances']} instances, {summary['steps']} "
                   f"steps, final loss {summary['losses'][-1]:.4f} -> {summary['adapter']}")
     distributed.barrier()
@@ -223,7 +227,7 @@ def cmd_run(args) -> int:
     from mmdc.calibrate import run
 
     cfg = _load_cfg(args)
-    if getattr(args, "resume", False) and not (Path(cfg.run_dir) / "state.json").is_file():
+    if getattr(args, "resume", False) and not (Path(cfg.run_dir) / artifacts.STATE).is_file():
         raise MmdcError(f"{cfg.run_dir}: nothing to resume (no state.json); run without --resume")
     with _owning(cfg.run_dir, args):
         run_dir = run(cfg)
@@ -242,9 +246,9 @@ def cmd_report(args) -> int:
     from mmdc.runstate import RunState
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / artifacts.CONFIG).is_file():
         raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / artifacts.CONFIG)
     with _owning(run_dir, args):
         damaged = RunState(run_dir).check_files()
         if damaged:
@@ -260,7 +264,7 @@ def cmd_export(args) -> int:
     from mmdc.calibrate import export_student
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / artifacts.CONFIG).is_file():
         raise MmdcError(f"{run_dir}: not a run folder (no config.yaml)")
     from mmdc.data.pool import ensure_dir
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mmdc import artifacts
 from mmdc.data.images import MAX_IMAGE_PIXELS
 from mmdc.errors import ConfigError
 
@@ -426,6 +427,6 @@ def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
     """Write the resolved config into a run folder."""
     from mmdc.data.pool import write_text_atomic
 
-    out = Path(run_dir) / "config.yaml"
+    out = Path(run_dir) / artifacts.CONFIG
     write_text_atomic(out, config_to_yaml(cfg))
     return out

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdc.data.pool import write_json, write_jsonl
+from mmdc.data.prompts import build_prompt, parse_answer
 from mmdc.data.record import LETTERS, Instance
 from mmdc.generation import Request
-from mmdc.prompts import build_prompt, parse_answer
 
 log = logging.getLogger(__name__)
 

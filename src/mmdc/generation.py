@@ -12,6 +12,7 @@ few distinct shapes, and compilations, occur. Greedy outputs equal the dynamic c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -145,3 +146,16 @@ def generate(model, processor, requests: list[Request], *, max_new_tokens: int =
         bar.close()
         model.train(was_training)
     return outputs
+
+
+def fingerprint(requests) -> str:
+    """A digest of the requests: prompts, rendered texts and image pixels."""
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(r.prompt.encode())
+        h.update(b"\0" + (r.text or "").encode() + b"\0")
+        if r.image is not None:
+            h.update(r.image.mode.encode() + repr(r.image.size).encode())
+            h.update(hashlib.sha256(r.image.tobytes()).digest())
+        h.update(b"\1")
+    return h.hexdigest()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmdc import artifacts
+from mmdc.artifacts import DROP_REASONS
 from mmdc.data.load import load_split
 from mmdc.data.pool import read_json, write_json, write_text_atomic
 from mmdc.errors import MmdcError
 from mmdc.evaluation import format_columns, format_skills
-from mmdc.stages.generate import DROP_REASONS
 from mmdc.toy.diagnostics import format_diagnostics
 
 
@@ -95,7 +96,7 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
     """In words: what the assessment found weak, what was generated and accepted for it,
     and how the student changed, per iteration."""
     lines = ["## What happened", ""]
-    base = _read(run_dir / "baseline" / "metrics.json")
+    base = _read(run_dir / "baseline" / artifacts.METRICS)
     prev = base["student"] if base else None
     prev_teacher = (base or {}).get("teacher")
     first_teacher, last = None, None
@@ -104,18 +105,18 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
                      "on the held-out test.")
     for k in range(1, iterations + 1):
         it = run_dir / f"iter_{k}"
-        metrics = _read(it / "metrics.json")
+        metrics = _read(it / artifacts.METRICS)
         if metrics is None:
             break
         words = [f"**Iteration {k}.**"]
-        summary = _read(it / "assessment_summary.json") or {}
+        summary = _read(it / artifacts.ASSESSMENT_SUMMARY) or {}
         total = summary.get("total", {})
         if total:
             weak = _weakest(summary)
             words.append(f"The assessment marked {total.get('hard', 0)} of "
                          f"{sum(total.values())} probe questions hard"
                          + (f"; the weakest skills: {weak}." if weak else "."))
-        rep = _read(it / "generation_report.json") or {}
+        rep = _read(it / artifacts.GENERATION_REPORT) or {}
         if rep.get("asked"):
             dropped = {r: n for r, n in rep.get("dropped", {}).items() if n}
             per_skill = _generated_per_skill(rep, diag.get(k))
@@ -136,8 +137,8 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
                                          " (no skill moved by 2 points or more)."))
         else:
             words.append(f"The student scored {acc:.2f}.")
-        words.append(_teacher_words(metrics, prev_teacher, _read(it / "teacher_update.json"),
-                                    diag.get(k)))
+        words.append(_teacher_words(metrics, prev_teacher,
+                                    _read(it / artifacts.TEACHER_UPDATE), diag.get(k)))
         prev_teacher = metrics["teacher"]
         lines += [" ".join(words), ""]
         prev = student
@@ -151,7 +152,7 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
 
 def narrative_text(run_dir: Path) -> str:
     """The report's "What happened" section as plain text, from ``report.json``."""
-    report = _read(run_dir / "report.json") or {}
+    report = _read(run_dir / artifacts.REPORT_JSON) or {}
     return "\n".join(line.replace("**", "") for line in report.get("narrative", [])[2:]).strip()
 
 
@@ -161,17 +162,17 @@ def write_report(run_dir: Path, iterations: int) -> Path:
     cols, skills, gen = {}, {}, []
     for k in range(1, iterations + 1):
         it = run_dir / f"iter_{k}"
-        if not (it / "metrics.json").is_file():
+        if not (it / artifacts.METRICS).is_file():
             break
-        m = read_json(it / "metrics.json")
+        m = read_json(it / artifacts.METRICS)
         for role in ("teacher", "student"):
             cols[f"{role} (iter {k})"] = m[role]["columns"]
             skills[f"{role} (iter {k})"] = m[role]["skills"]
-        rep = read_json(it / "generation_report.json")
+        rep = read_json(it / artifacts.GENERATION_REPORT)
         gen.append(f"| {k} | {rep.get('asked', 0)} | {rep.get('accepted', 0)} | " + " | ".join(
             str(rep.get("dropped", {}).get(r, 0)) for r in
             DROP_REASONS) + " |")
-    base = _read(run_dir / "baseline" / "metrics.json")
+    base = _read(run_dir / "baseline" / artifacts.METRICS)
     if base:  # the student as given, before alignment
         cols = {"student (base)": base["student"]["columns"], **cols}
         skills = {"student (base)": base["student"]["skills"], **skills}
@@ -189,11 +190,11 @@ def write_report(run_dir: Path, iterations: int) -> Path:
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     text = "\n".join(lines)
-    write_json(run_dir / "report.json", {"columns": cols, "skills": skills,
-                                         "diagnostics": diag or {},
-                                         "narrative": story})
-    write_text_atomic(run_dir / "report.md", text)
-    return run_dir / "report.md"
+    write_json(run_dir / artifacts.REPORT_JSON, {"columns": cols, "skills": skills,
+                                                 "diagnostics": diag or {},
+                                                 "narrative": story})
+    write_text_atomic(run_dir / artifacts.REPORT_MD, text)
+    return run_dir / artifacts.REPORT_MD
 
 
 def _diagnostics(run_dir: Path, iterations: int) -> dict:
@@ -202,7 +203,7 @@ def _diagnostics(run_dir: Path, iterations: int) -> dict:
     from mmdc.toy.diagnostics import pool_scenes, run_diagnostics
 
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / artifacts.CONFIG)
     except MmdcError:  # a report is still written without them
         return {}
     if cfg.data.format != "synthetic" or not cfg.data.pool:
@@ -229,11 +230,11 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
     its, metrics, per_skill_gen = [], [], {}
     for k in range(1, iterations + 1):
         it = run_dir / f"iter_{k}"
-        if not (it / "metrics.json").is_file():
+        if not (it / artifacts.METRICS).is_file():
             break
         its.append(k)
-        metrics.append(read_json(it / "metrics.json"))
-        rep = read_json(it / "generation_report.json")
+        metrics.append(read_json(it / artifacts.METRICS))
+        rep = read_json(it / artifacts.GENERATION_REPORT)
         for skill, outcomes in rep.get("per_skill", {}).items():
             acc = per_skill_gen.setdefault(skill, {"accepted": 0, "dropped": 0})
             for outcome, n in outcomes.items():
@@ -242,7 +243,7 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
         return []
     out = []
     # iteration 0: before calibration (the student as given; the original teacher)
-    base = _read(run_dir / "baseline" / "metrics.json") or {}
+    base = _read(run_dir / "baseline" / artifacts.METRICS) or {}
     original = base.get("teacher") or metrics[0]["teacher"]
     if base.get("student"):
         its, metrics = [0, *its], [{"student": base["student"], "teacher": original}, *metrics]

@@ -36,7 +36,7 @@ def train_role(cfg: Config, mcfg, rows: list[dict], start_adapter: str | None, o
     from transformers import set_seed
 
     from mmdc.models.load import load_adapter
-    from mmdc.stages.align import apply_lora, train_sft
+    from mmdc.training import apply_lora, train_sft
 
     set_seed(cfg.seed)  # LoRA init and data order must not depend on what ran before
     loaded = load_configured(mcfg)

@@ -19,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from mmdc import artifacts
 from mmdc.config import Config
 from mmdc.data.pool import read_json, write_json
 from mmdc.errors import ConfigError, DataError, MmdcError
@@ -94,8 +95,8 @@ class RunFolderDamaged(MmdcError):
 # What no step's record covers: the record itself, what is rewritten at every start
 # (config.yaml) or end (the report and its plots), the hold, and the caches and logs
 # (journals and served answers check themselves; TensorBoard's are not read back).
-UNRECORDED = ("state.json", "config.yaml", "report.md", "report.json", ".mmdc.lock", "cache",
-              "tensorboard", "eval")
+UNRECORDED = (artifacts.STATE, artifacts.CONFIG, artifacts.REPORT_MD, artifacts.REPORT_JSON,
+              ".mmdc.lock", "cache", "tensorboard", "eval")
 
 
 def _scan(run_dir: Path) -> dict[str, tuple]:
@@ -143,7 +144,7 @@ class RunState:
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "state.json"
+        self.path = self.run_dir / artifacts.STATE
         self.done: list[str] = []
         self.models: dict = {}
         self.files: dict[str, dict[str, str]] = {}  # step -> its files' fingerprints
@@ -248,6 +249,8 @@ class RunState:
                                    "files": self.files})
             took = time.monotonic() - self.clock
             log.info("%s done%s (%.0f s)", step, f": {summary}" if summary else "", took)
+            from mmdc.journal import journal_path
+
             journal = journal_path(self.path.parent, step)
             journal.unlink(missing_ok=True)
             if journal.parent.is_dir() and not any(journal.parent.iterdir()):
@@ -255,17 +258,6 @@ class RunState:
         distributed.barrier()
         self.clock = time.monotonic()
         maybe_fail(f"after:{step}")
-
-
-def journal_path(run_dir: Path, step: str) -> Path:
-    """Where a step checkpoints its in-process generation, batch by batch."""
-    return run_dir / "cache" / (step.replace("/", "-") + ".journal.jsonl")
-
-
-def _journaled(generator, run_dir: Path, step: str, who: str):
-    from mmdc.models.backends import Journaled
-
-    return Journaled(generator, journal_path(run_dir, step), f"{step}:{who}")
 
 
 # Keys that no finished step depends on: a resume may change them (add iterations, say;
@@ -301,7 +293,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     """Refuse to resume a run folder whose finished steps ran with another config."""
     import yaml
 
-    saved = run_dir / "config.yaml"
+    saved = run_dir / artifacts.CONFIG
     if not RunState(run_dir).done or not saved.is_file():
         return
     try:

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import gc
 import random
-from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 
-from mmdc.config import Config
-from mmdc.data.images import ImageCache
+from mmdc import artifacts
 from mmdc.data.pool import read_jsonl, read_pool, write_json, write_jsonl, write_pool
-from mmdc.data.record import Instance
+from mmdc.journal import journaled
+from mmdc.loop import Loop, images_of
 from mmdc.models.load import load_configured
 from mmdc.roles import (
     evaluate_on,
@@ -27,49 +24,7 @@ from mmdc.roles import (
     teacher_backend,
     train_role,
 )
-from mmdc.runstate import RunState, _journaled
-
-
-@dataclass
-class Loop:
-    """What the steps of one run share: the config, the run folder and its state, the
-    data, and where the loop stands (the current adapters and the generated pool)."""
-
-    cfg: Config
-    run_dir: Path
-    state: RunState
-    main: bool
-    seed_split: object
-    probe: object
-    test: object
-    images: ImageCache
-    pool_images: list[str]
-    labelled: list[Instance]
-    adapter: str | None = None  # the student's current adapter
-    teacher_adapter: str | None = None
-    generated: list[Instance] = field(default_factory=list)
-    used_images: set[str] = field(default_factory=set)
-    image_vectors: dict = field(default_factory=dict)  # image path -> vision-tower vector
-
-    @property
-    def pool(self) -> list[Instance]:
-        """The instruction pool: the seed split and every accepted instance so far."""
-        return self.labelled + self.generated
-
-    def it(self, k: int) -> Path:
-        return self.run_dir / f"iter_{k}"
-
-    def teacher(self, step: str, who: str = "teacher"):
-        return _journaled(teacher_backend(self.cfg, self.teacher_adapter, self.run_dir),
-                          self.run_dir, step, who)
-
-    def student(self, step: str, adapter: str | None = ...):
-        return _journaled(student_model(self.cfg, self.adapter if adapter is ... else adapter),
-                          self.run_dir, step, "student")
-
-
-def _images_of(loop: Loop, instances: list[Instance]) -> list:
-    return [loop.images(i.image) for i in instances]
+from mmdc.writing import free_images, near_images, refill, write_generation, yield_weights
 
 
 def step_baseline(loop: Loop) -> str:
@@ -81,7 +36,7 @@ def step_baseline(loop: Loop) -> str:
     if cfg.loop.self_improve:
         metrics.update(_teacher_metrics(loop))
     if loop.main:
-        write_json(loop.run_dir / "baseline" / "metrics.json", metrics)
+        write_json(loop.run_dir / "baseline" / artifacts.METRICS, metrics)
     return f"student {res.accuracy:.2f} on the held-out test"
 
 
@@ -90,7 +45,7 @@ def step_align(loop: Loop, role: str) -> str:
 
     summary = run_align(loop.cfg, role, loop.run_dir / "align" / role)
     if loop.main:  # the adapter named within the run folder, which may move
-        write_json(loop.run_dir / "align" / role / "metrics.json",
+        write_json(loop.run_dir / "align" / role / artifacts.METRICS,
                    {**summary, "adapter": f"align/{role}/adapter"})
     return (f"{role} LoRA-aligned on {summary['instances']} instances, "
             + loss_words(summary["losses"]))
@@ -129,12 +84,12 @@ def step_assess(loop: Loop, k: int) -> str:
     del student
     gc.collect()
     if loop.main:
-        write_jsonl(it / "teacher_probe_answers.jsonl", t_rows)
-        write_jsonl(it / "student_probe_answers.jsonl", s_rows)
-        write_jsonl(it / "assessment.jsonl", [v.__dict__ for v in verdicts])
-        write_json(it / "assessment_summary.json", summarize(p_inst, verdicts))
+        write_jsonl(it / artifacts.TEACHER_PROBE_ANSWERS, t_rows)
+        write_jsonl(it / artifacts.STUDENT_PROBE_ANSWERS, s_rows)
+        write_jsonl(it / artifacts.ASSESSMENT, [v.__dict__ for v in verdicts])
+        write_json(it / artifacts.ASSESSMENT_SUMMARY, summarize(p_inst, verdicts))
         if self_check is not None:
-            write_jsonl(it / "teacher_self_assessment.jsonl", self_check)
+            write_jsonl(it / artifacts.TEACHER_SELF_ASSESSMENT, self_check)
     hard = sum(v.hard is True for v in verdicts)
     words = f"{hard} of {len(verdicts)} probe questions hard"
     if self_check is not None:
@@ -143,67 +98,15 @@ def step_assess(loop: Loop, k: int) -> str:
     return words
 
 
-def _write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool,
-                      max_accepted: int | None = None, first_id: int = 0, also: tuple = (),
-                      verify_prompt: str | None = None, tau: float | None = None):
-    """Write and verify instances from ``seeds`` (``also``: instances of this iteration
-    already kept, for the duplicate filter; ``verify_prompt`` / ``tau`` replace the
-    generate section's); (accepted, rejected, report)."""
-    from mmdc.stages.generate import generate_instances
-
-    cfg, g = loop.cfg, loop.cfg.generate
-    verify_prompt = verify_prompt or g.verify_prompt
-    step = f"iter_{k}/{prefix}"
-    teacher = loop.teacher(step)
-    student = loop.student(step) if challenge else None
-    out = generate_instances(
-        teacher, student, seeds, loop.images,
-        existing=loop.pool + loop.probe.instances + list(also),
-        iteration=k, k=g.k, tau=g.tau if tau is None else tau, written_vote=g.written_vote,
-        rouge_threshold=g.rouge_threshold, challenge=challenge,
-        temperature=g.temperature, max_new_tokens=g.max_new_tokens,
-        batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
-        max_accepted=g.max_accepted if max_accepted is None else max_accepted,
-        verify_prompt=verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
-        first_id=first_id,
-        verify_max_new_tokens=cfg.eval.max_new_tokens if verify_prompt == "CQM-A" else None)
-    del teacher, student
-    gc.collect()
-    return out
-
-
-def _free_images(loop: Loop) -> list[str]:
-    return [p for p in loop.pool_images if p not in loop.used_images]
-
-
-def _near(loop: Loop, seeds_from: list[Instance]):
-    """``select_seeds``' image ranking (``generate.pair_images=similar``): the free pool
-    images and the seeds' images embedded once by the student's vision tower."""
-    from mmdc.stages.generate import embed_images, rank_by_similarity
-
-    free = _free_images(loop)
-    if loop.cfg.generate.pair_images == "random" or not free:
-        return None
-    paths = free + [i.image for i in seeds_from if i.image]
-    need = [p for p in dict.fromkeys(paths) if p not in loop.image_vectors]
-    if need:
-        loaded = load_configured(loop.cfg.student)
-        loop.image_vectors.update(zip(need, embed_images(
-            loaded.model, loaded.processor, [loop.images(p) for p in need]), strict=True))
-        del loaded
-        gc.collect()
-    return partial(rank_by_similarity, loop.image_vectors)
-
-
 def step_generate(loop: Loop, k: int) -> str:
     """The teacher writes, verifies and filters new instances: seeded from the probes the
     assessment marked hard and easy (targeted), or from random pool instances (random)."""
-    from mmdc.stages.generate import select_seeds
+    from mmdc.stages.seeds import select_seeds
 
     cfg, it = loop.cfg, loop.it(k)
     accepted, rejected, report = [], [], None
     if cfg.loop.strategy != "none":
-        verdicts = {r["id"]: r["hard"] for r in read_jsonl(it / "assessment.jsonl")}
+        verdicts = {r["id"]: r["hard"] for r in read_jsonl(it / artifacts.ASSESSMENT)}
         by_id = {i.id: i for i in loop.probe.instances}
         rng = random.Random(f"{cfg.seed}-generate-{k}")
         if cfg.loop.strategy == "targeted":
@@ -212,66 +115,26 @@ def step_generate(loop: Loop, k: int) -> str:
         else:  # random: the same budget seeded from random pool instances, blind to the
             # student (no challenge filter either): Lion without its referee
             hard, easy = list(loop.pool), []
-        seeds = select_seeds(hard, easy, cfg.generate.per_iteration, _free_images(loop), rng,
-                             cfg.generate.hard_share, near=_near(loop, hard + easy),
-                             hard_weights=_yield_weights(loop, k, hard))
+        seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free_images(loop), rng,
+                             cfg.generate.hard_share, near=near_images(loop, hard + easy),
+                             hard_weights=yield_weights(loop, k, hard))
         challenge = cfg.generate.challenge and cfg.loop.strategy == "targeted"
-        accepted, rejected, report = _write_generation(loop, k, "generate", seeds,
+        accepted, rejected, report = write_generation(loop, k, "generate", seeds,
                                                        challenge=challenge)
         if challenge:
-            _refill(loop, k, seeds, accepted, rejected, report, rng)
+            refill(loop, k, seeds, accepted, rejected, report, rng)
     if loop.main:
-        write_pool(it / "generated_accepted.jsonl", accepted)
-        write_jsonl(it / "generated_rejected.jsonl", rejected)
-        write_json(it / "generation_report.json",
+        write_pool(it / artifacts.GENERATED_ACCEPTED, accepted)
+        write_jsonl(it / artifacts.GENERATED_REJECTED, rejected)
+        write_json(it / artifacts.GENERATION_REPORT,
                    report.to_dict() if report else {"asked": 0, "accepted": 0})
     if report is None:
         return "nothing generated (strategy none)"
     return f"{len(accepted)} of {report.asked} written instances accepted"
 
 
-def _yield_weights(loop: Loop, k: int, hard: list[Instance]) -> list[float] | None:
-    """Each hard seed's weight: the share of the teacher's writing for its skill in the
-    earlier iterations that it could verify (``generate.by_yield``, targeted only)."""
-    from mmdc.stages.generate import writing_yield
-
-    if not (loop.cfg.generate.by_yield and loop.cfg.loop.strategy == "targeted") or k < 2:
-        return None
-    rejected = [r for j in range(1, k) for r in read_jsonl(loop.it(j) / "generated_rejected.jsonl")]
-    share = writing_yield([i for i in loop.generated if i.iteration < k], rejected)
-    return [share.get(i.skill, 1.0) for i in hard]
-
-
-def _refill(loop: Loop, k: int, seeds, accepted, rejected, report, rng) -> None:
-    """Up to ``generate.refill`` more rounds while the challenge filter leaves the
-    iteration short of ``generate.max_accepted``: twice the missing count of seeds, from the
-    seeds whose instances were kept (:func:`~mmdc.stages.generate.refill_seeds`)."""
-    from mmdc.stages.generate import refill_seeds
-
-    g = loop.cfg.generate
-    if not g.max_accepted:
-        return
-    written = list(seeds)
-    for r in range(1, g.refill + 1):
-        missing = g.max_accepted - len(accepted)
-        if missing <= 0:
-            return
-        taken = {s.image for s in written}
-        more = refill_seeds(accepted, written, 2 * missing,
-                            [p for p in _free_images(loop) if p not in taken], rng)
-        if not more:
-            return
-        new, dropped, rep = _write_generation(loop, k, f"generate_refill{r}", more,
-                                              challenge=True, max_accepted=missing,
-                                              first_id=report.asked, also=accepted)
-        accepted += new
-        rejected += dropped
-        report.merge(rep)
-        written += more
-
-
 def restore_generate(loop: Loop, k: int) -> None:
-    new = read_pool(loop.it(k) / "generated_accepted.jsonl")
+    new = read_pool(loop.it(k) / artifacts.GENERATED_ACCEPTED)
     loop.generated += new
     loop.used_images.update(i.image for i in new if i.image)
 
@@ -279,24 +142,24 @@ def restore_generate(loop: Loop, k: int) -> None:
 def step_teacher_generate(loop: Loop, k: int) -> str:
     """The self-improving teacher writes instances where it found itself unreliable and
     labels them by the majority of its own sampled rationales."""
-    from mmdc.stages.generate import select_seeds
+    from mmdc.stages.seeds import select_seeds
 
     cfg, it = loop.cfg, loop.it(k)
-    rows = read_jsonl(it / "teacher_self_assessment.jsonl")
+    rows = read_jsonl(it / artifacts.TEACHER_SELF_ASSESSMENT)
     by_id = {i.id: i for i in loop.probe.instances}
     weak = [by_id[r["id"]] for r in rows if r["unreliable"]]
     accepted, rejected, report = [], [], None
     if weak and cfg.loop.teacher_seeds:
-        seeds = select_seeds(weak, [], cfg.loop.teacher_seeds, _free_images(loop),
+        seeds = select_seeds(weak, [], cfg.loop.teacher_seeds, free_images(loop),
                              random.Random(f"{cfg.seed}-teacher-generate-{k}"),
-                             near=_near(loop, weak))
-        accepted, rejected, report = _write_generation(
+                             near=near_images(loop, weak))
+        accepted, rejected, report = write_generation(
             loop, k, "teacher_generate", seeds, challenge=False,
             verify_prompt=cfg.loop.teacher_verify_prompt, tau=cfg.loop.teacher_tau)
     if loop.main:
-        write_pool(it / "teacher_generated_accepted.jsonl", accepted)
-        write_jsonl(it / "teacher_generated_rejected.jsonl", rejected)
-        write_json(it / "teacher_generation_report.json",
+        write_pool(it / artifacts.TEACHER_GENERATED_ACCEPTED, accepted)
+        write_jsonl(it / artifacts.TEACHER_GENERATED_REJECTED, rejected)
+        write_json(it / artifacts.TEACHER_GENERATION_REPORT,
                    report.to_dict() if report else {"asked": 0, "accepted": 0})
     return (f"{len(accepted)} of {report.asked} instances for the teacher's own weak spots "
             "labelled by its rationales" if report
@@ -304,7 +167,7 @@ def step_teacher_generate(loop: Loop, k: int) -> str:
 
 
 def restore_teacher_generate(loop: Loop, k: int) -> None:
-    images = read_pool(loop.it(k) / "teacher_generated_accepted.jsonl")
+    images = read_pool(loop.it(k) / artifacts.TEACHER_GENERATED_ACCEPTED)
     loop.used_images.update(i.image for i in images if i.image)
 
 
@@ -317,11 +180,11 @@ def step_teacher_update(loop: Loop, k: int) -> str:
 
     cfg, it, step = loop.cfg, loop.it(k), f"iter_{k}/teacher_update"
     own = [i for j in range(1, k + 1)
-           for i in read_pool(loop.it(j) / "teacher_generated_accepted.jsonl")]
+           for i in read_pool(loop.it(j) / artifacts.TEACHER_GENERATED_ACCEPTED)]
     replay, losses = [], []
     if own and cfg.loop.teacher_replay:
         seeds = [i for i in loop.labelled if i.choices]
-        images = _images_of(loop, seeds)
+        images = images_of(loop, seeds)
         letters = answer_pool(loop.teacher(step), seeds, images, fmt="CQM-A",
                               max_new_tokens=cfg.eval.max_new_tokens,
                               batch_size=cfg.eval.batch_size, desc=f"iter {k}: replay letters")
@@ -333,14 +196,14 @@ def step_teacher_update(loop: Loop, k: int) -> str:
                             cfg.loop.teacher_replay, f"{cfg.seed}-teacher-replay-{k}")
         gc.collect()
     if own:
-        rows = update_rows(own, _images_of(loop, own), replay, _images_of(loop, replay))
+        rows = update_rows(own, images_of(loop, own), replay, images_of(loop, replay))
         losses = train_role(cfg, cfg.teacher, rows, _teacher_start(loop), it / "teacher_adapter",
                             loop.run_dir / "tensorboard" / f"teacher-{k}",
                             cfg.loop.teacher_train, label=step,
                             max_length_key="loop.teacher_train.max_length")
     if loop.main:
-        write_json(it / "teacher_update.json", {"instances": len(own), "replay": len(replay),
-                                                "losses": losses})
+        write_json(it / artifacts.TEACHER_UPDATE,
+                   {"instances": len(own), "replay": len(replay), "losses": losses})
     if not own:
         return "nothing for the teacher to learn (no instance of its own labelled)"
     return (f"the teacher learned its letters on the {len(own)} instances it has labelled, "
@@ -369,13 +232,13 @@ def step_teacher_answers(loop: Loop, k: int) -> str:
     lea = "CQM-LEA" in cfg.imitate.formats
 
     def answer_all(teacher=teacher):
-        return answer_pool(teacher, pool, _images_of(loop, pool),
+        return answer_pool(teacher, pool, images_of(loop, pool),
                            fmt="CQM-LEA" if lea else "CQM-A",
                            max_new_tokens=cfg.imitate.max_new_tokens if lea
                            else cfg.eval.max_new_tokens,
                            batch_size=cfg.eval.batch_size, desc=f"iter {k}: teacher answers")
 
-    cached_answers(loop.it(k) / "teacher_answers.jsonl", pool, answer_all)
+    cached_answers(loop.it(k) / artifacts.TEACHER_ANSWERS, pool, answer_all)
     del teacher
     gc.collect()
     return f"the teacher answered {len(pool)} instances ({len(loop.generated)} generated)"
@@ -387,8 +250,8 @@ def step_imitate(loop: Loop, k: int) -> str:
     from mmdc.stages.imitate import imitation_rows, kd_beta, kd_trainer_class
 
     cfg, it, pool = loop.cfg, loop.it(k), loop.pool
-    answers = read_jsonl(it / "teacher_answers.jsonl")
-    rows, dropped = imitation_rows(pool, answers, _images_of(loop, pool), cfg.imitate.formats,
+    answers = read_jsonl(it / artifacts.TEACHER_ANSWERS)
+    rows, dropped = imitation_rows(pool, answers, images_of(loop, pool), cfg.imitate.formats,
                                    {i.id for i in loop.generated},
                                    cfg.imitate.generated_weight)
     aligned = (str(loop.run_dir / "align" / "student" / "adapter")
@@ -408,8 +271,8 @@ def step_imitate(loop: Loop, k: int) -> str:
     del kd
     gc.collect()
     if loop.main:
-        write_json(it / "imitate.json", {"trained_on": len(rows), "dropped_unparsable": dropped,
-                                         "losses": losses})
+        write_json(it / artifacts.IMITATE,
+                   {"trained_on": len(rows), "dropped_unparsable": dropped, "losses": losses})
     return (f"the student learned {len(rows)} teacher answers ({dropped} unparsable "
             "dropped), " + loss_words(losses))
 
@@ -422,8 +285,8 @@ def _teacher_metrics(loop: Loop) -> dict:
     """The teacher as given on the held-out test, in the eval format and in its rationale
     format (CQM-LEA): where its letters and its rationales part, before it improves."""
     cfg = loop.cfg
-    res = evaluate_on(cfg, _journaled(teacher_backend(cfg, None, loop.run_dir), loop.run_dir,
-                                      "baseline", "teacher-rationales"),
+    res = evaluate_on(cfg, journaled(teacher_backend(cfg, None, loop.run_dir), loop.run_dir,
+                                     "baseline", "teacher-rationales"),
                       loop.test, "baseline: eval teacher rationales", fmt="CQM-LEA",
                       max_new_tokens=cfg.generate.max_new_tokens)
     base = evaluate_on(cfg, teacher_backend(cfg, None, loop.run_dir), loop.test,
@@ -443,6 +306,6 @@ def step_evaluate(loop: Loop, k: int) -> str:
             res.save(it, f"{role}_test")
         metrics[role] = {"columns": res.columns, "skills": res.skills}
     if loop.main:
-        write_json(it / "metrics.json", metrics)
+        write_json(it / artifacts.METRICS, metrics)
     return "held-out test: " + ", ".join(f"{role} {m['columns']['Avg']['acc']:.2f}"
                                          for role, m in metrics.items())

@@ -325,7 +325,8 @@ def test_the_corpus_is_large_enough():
 ])
 def test_bad_teacher_output_is_a_counted_drop(text):
     from mmdc.data.record import Instance
-    from mmdc.stages.generate import Seed, generate_instances
+    from mmdc.stages.generate import generate_instances
+    from mmdc.stages.seeds import Seed
 
     seed = Seed(Instance(id="s", question="q", choices=["a", "b"], answer=0, skill="color"),
                 "same", None)

@@ -49,14 +49,14 @@ def build_tiny(arch: str, folder: Path, hidden: int, layers: int) -> Path:
 def test_real_config_runs_its_architecture_at_tiny_dimensions(name, tmp_path):
     from PIL import Image
 
+    from mmdc.data.prompts import build_target
     from mmdc.data.scienceqa import read_scienceqa
     from mmdc.generation import Request
-    from mmdc.prompts import build_target
     from mmdc.roles import student_model as _student
     from mmdc.roles import teacher_backend as _teacher
     from mmdc.roles import train_role as _train_role
-    from mmdc.stages.align import sft_rows
     from mmdc.stages.imitate import answer_pool
+    from mmdc.training import sft_rows
 
     arch = REAL[name]
     teacher = build_tiny(arch, tmp_path / "teacher", hidden=64, layers=2)

@@ -16,10 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mmdc.cli import main
+from mmdc.data.prompts import build_prompt
 from mmdc.errors import BackendError
 from mmdc.generation import Request
 from mmdc.models.backends import OpenAIBackend, image_data_url
-from mmdc.prompts import build_prompt
 from mmdc.toy import world
 from tests.conftest import free_port, small_data_overrides
 from tests.integration.test_bad_inputs import bomb_png

@@ -41,7 +41,8 @@ def test_teacher_written_text_never_becomes_a_path():
     """A written instance takes its image from the pool image it was asked about, whatever
     the text says."""
     from mmdc.data.record import Instance
-    from mmdc.stages.generate import Seed, parse_instance
+    from mmdc.stages.generate import parse_instance
+    from mmdc.stages.seeds import Seed
 
     seed = Seed(Instance(id="s", question="q", choices=["a", "b"], answer=0, skill="color"),
                 "same", "images/pool/p1/image.png")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 def ceiling(cfg, seed_split, test, skill: str, n: int, weight: int, work: Path) -> dict:
     from mmdc.roles import evaluate_on, student_model, train_role
-    from mmdc.stages.align import sft_rows
     from mmdc.toy import world
+    from mmdc.training import sft_rows
 
     rng = random.Random(f"imitation-ceiling-{skill}-{cfg.seed}")
     new = [world.make_instance(skill, rng, f"oracle-{skill}-{i}", "oracle") for i in range(n)]
@@ -67,7 +67,9 @@ def main() -> int:
     if len(weights) != len(args.n):
         ap.error("--weight: one value per --n")
     from mmdc.data.load import load_split
+    from mmdc.toy.task import prepare_data
 
+    prepare_data(cfg.data)
     seed_split = load_split(cfg.data, cfg.data.seed_split)
     test = load_split(cfg.data, cfg.data.test_split)
     with tempfile.TemporaryDirectory() as tmp:

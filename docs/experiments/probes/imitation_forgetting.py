@@ -37,11 +37,11 @@ def main() -> int:
                          "'projector=0' (with start=none) leaves the projector untrained, "
                          "seed split's rows of each skill up to the commonest skill's count")
     args = ap.parse_args()
+    from mmdc import training
     from mmdc.config import load_config
     from mmdc.data.load import load_split
     from mmdc.data.pool import read_jsonl, read_pool
     from mmdc.roles import train_role
-    from mmdc.stages import align
     from mmdc.stages.imitate import imitation_rows, imitation_targets
 
     run = args.run
@@ -82,10 +82,10 @@ def main() -> int:
                 again = [r for i, r in zip(kept, rows) if i.id in extra
                          for _ in range(-(-most // seen[i.skill]) - 1)]
                 rows = rows + again
-            saved = align.PROJECTOR_MODULES
+            saved = training.PROJECTOR_MODULES
             if ours.get("projector") == "0":  # a fresh adapter that leaves the projector be
-                align.PROJECTOR_MODULES = None
-            train_sft = align.train_sft
+                training.PROJECTOR_MODULES = None
+            train_sft = training.train_sft
             if ours.get("freeze"):  # train with these modules (by name) frozen
                 def frozen(model, *a, _part=ours["freeze"], _train=train_sft, **kw):
                     for n, p in model.named_parameters():
@@ -93,13 +93,13 @@ def main() -> int:
                             p.requires_grad_(False)
                     return _train(model, *a, **kw)
 
-                align.train_sft = frozen
+                training.train_sft = frozen
             start = time.time()
             out = Path(tmp) / name
             train_role(cfg, cfg.student, rows,
                        None if ours.get("start") == "none" else aligned, out / "adapter", out / "logs",
                        cfg.imitate.train, label=f"imitate {name}")
-            align.PROJECTOR_MODULES, align.train_sft = saved, train_sft
+            training.PROJECTOR_MODULES, training.train_sft = saved, train_sft
             avg, skills = probe_skills(cfg, str(out / "adapter"), probe)
             results.append((name, round(time.time() - start), avg, skills))
     names = list(results[0][3])

@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmdc.config import GenerateConfig
+from mmdc.data.prompts import build_prompt, parse_answer
 from mmdc.generation import Request, chat_text, generate
-from mmdc.prompts import build_prompt, parse_answer
 from mmdc.toy import build, models, recipe, world
 from mmdc.toy.diagnostics import writing_check
 

@@ -23,7 +23,7 @@ VERIFIED = ("not_challenging", "over_budget")
 
 
 def pattern(meta: dict) -> tuple[str, int | None]:
-    from mmdc.stages.generate import majority
+    from mmdc.stages.verify import majority
 
     label, share = majority(list(meta.get("votes", [])))
     agree = "unanimous" if share == 1.0 else "split"

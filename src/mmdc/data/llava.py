@@ -15,9 +15,9 @@ from pathlib import Path
 
 from mmdc.data.images import resolve_image
 from mmdc.data.pool import read_text, write_json
+from mmdc.data.prompts import build_prompt, build_target, parse_answer
 from mmdc.data.record import LETTERS, Instance
 from mmdc.errors import DataError
-from mmdc.prompts import build_prompt, build_target, parse_answer
 
 IMAGE_TAG = "<image>"
 _CQM = re.compile(

@@ -1,14 +1,14 @@
 """Loading a configured dataset split, whatever its on-disk format.
 
 ``load_split(cfg.data, split)`` returns a :class:`Split`: the records and the root that
-their image paths are relative to. For the built-in synthetic task the data is written
-(once) in the official ScienceQA layout and read back through the ScienceQA reader.
+their image paths are relative to. The built-in synthetic task is written (once, by
+:func:`mmdc.toy.task.prepare_data`, where a command loads its config) in the official
+ScienceQA layout and read back here through the ScienceQA reader.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +16,10 @@ from pathlib import Path
 from PIL import Image
 
 from mmdc.data.images import MAX_IMAGE_PIXELS, ImageCache
-from mmdc.data.pool import read_jsonl, write_json, write_jsonl
+from mmdc.data.pool import read_jsonl
 from mmdc.data.record import Instance
-from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf, write_scienceqa
+from mmdc.data.scienceqa import read_scienceqa, read_scienceqa_hf
 from mmdc.errors import DataError
-from mmdc.toy import world
 
 log = logging.getLogger(__name__)
 
@@ -46,55 +45,6 @@ class Split:
             self.image(inst)
 
 
-def write_synthetic_task(out: str | Path, sizes: world.TaskSizes, seed: int = 0) -> Path:
-    """Write the built-in synthetic task in the official ScienceQA layout plus an
-    unlabelled image pool (``pool.jsonl`` and ``images/pool/<id>/image.png``)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {name: world.generate_split(name, getattr(sizes, name), seed)
-              for name in ("pretrain", "train", "val", "test") if getattr(sizes, name) > 0}
-    write_scienceqa(out, splits)
-    pool_rows = []
-    for pid, scene, image in world.generate_pool(sizes.pool, seed):
-        folder = out / "images" / "pool" / pid
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / "image.png")
-        pool_rows.append({"id": pid, "image": f"images/pool/{pid}/image.png", "scene": scene})
-    write_jsonl(out / "pool.jsonl", pool_rows)
-    write_json(out / SYNTH_MARKER, _marker(seed, sizes))
-    return out
-
-
-def _marker(seed: int, sizes: world.TaskSizes) -> dict:
-    return {"seed": seed, "sizes": sizes.__dict__, "pool": world.POOL_VERSION}
-
-
-def ensure_synthetic(root: str | Path, synth_cfg) -> Path:
-    """Write the synthetic task into ``root`` unless the same one is already there."""
-    root = Path(root)
-    sizes = world.TaskSizes(**{k: getattr(synth_cfg, k) for k in world.TaskSizes.__dataclass_fields__})
-    want = _marker(synth_cfg.seed, sizes)
-    marker = root / SYNTH_MARKER
-    if marker.is_file():
-        try:
-            have = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            have = None
-        if have == want:
-            return root
-        if isinstance(have, dict) and have.get("pool") != want["pool"]:
-            raise DataError(f"{root}: holds the synthetic task as an earlier mmdc wrote it "
-                            f"(its image pool is drawn differently now); delete the folder "
-                            f"to have it written again, or choose another data.root")
-        raise DataError(f"{root}: holds a synthetic task with other settings ({have}); "
-                        f"choose another data.root or delete the folder")
-    if (root / "problems.json").exists():
-        raise DataError(f"{root}: has a problems.json that is not the synthetic task; "
-                        f"set data.format or choose another data.root")
-    log.info("writing the synthetic task to %s", root)
-    return write_synthetic_task(root, sizes, synth_cfg.seed)
-
-
 def load_split_collective(data_cfg, split: str, cache_dir: str | Path | None = None) -> Split:
     """:func:`load_split` called by every rank together: rank 0 loads first (writing the
     synthetic task or the image cache once) while the others wait."""
@@ -113,7 +63,9 @@ def _read_split(data_cfg, split: str, cache_dir: str | Path | None) -> Split:
     fmt = data_cfg.format
     root = Path(data_cfg.root)
     if fmt == "synthetic":
-        ensure_synthetic(root, data_cfg.synth)
+        if not (root / SYNTH_MARKER).is_file():
+            raise DataError(f"{root}: the synthetic task is not written here yet (data.root); "
+                            f"mmdc run / eval / align write it, or: mmdc data synth --out {root}")
         return Split(split, root, read_scienceqa(root, split))
     if fmt == "scienceqa":
         return Split(split, root, read_scienceqa(root, split))

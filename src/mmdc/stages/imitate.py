@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 from mmdc.data.pool import read_jsonl, write_jsonl
+from mmdc.data.prompts import build_prompt, parse_answer
 from mmdc.data.record import LETTERS, Instance
 from mmdc.generation import Request
-from mmdc.prompts import build_prompt, parse_answer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def imitation_rows(instances: list[Instance], answers: list[dict], images: list,
     The rows of instances whose id is in ``repeat`` come ``times`` times in all (the
     extra copies after the rest). Returns the rows and how many instances were dropped
     as unparsable."""
-    from mmdc.stages.align import sft_rows
+    from mmdc.training import sft_rows
 
     kept, targets, dropped = imitation_targets(instances, answers)
     by_id = {a["id"]: a for a in answers}

@@ -63,7 +63,7 @@ def update_rows(own: list[Instance], own_images: list, replay: list[Instance],
                 replay_images: list) -> list[dict]:
     """The teacher's update: its direct answers (CQM-A) on the instances it labelled by
     its rationales' majority, and on the replayed ones."""
-    from mmdc.stages.align import sft_rows
+    from mmdc.training import sft_rows
 
     instances, images = own + replay, own_images + replay_images
     return sft_rows(instances, images, "CQM-A", [LETTERS[i.answer] for i in instances])

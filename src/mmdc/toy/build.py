@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mmdc.data.pool import write_json
-from mmdc.prompts import WRITTEN_LAYOUT
+from mmdc.data.prompts import WRITTEN_LAYOUT
 from mmdc.toy import models, recipe, vision
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from mmdc import artifacts
+from mmdc.artifacts import DROP_REASONS
 from mmdc.data.load import read_image_pool
 from mmdc.data.pool import read_json, read_jsonl
 from mmdc.errors import MmdcError
-from mmdc.stages.generate import DROP_REASONS
 from mmdc.toy import truth, world
 
 QUALITY_KEYS = ("n", "correct", "wrong", "ill_posed", "off_template")
@@ -67,10 +68,10 @@ def _quality(records: list[dict], scenes: dict[str, dict], answer_key: str = "an
 
 def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None = None) -> dict:
     """Diagnostics of one finished ``iter_k`` folder."""
-    accepted = read_jsonl(it / "generated_accepted.jsonl") if (
-        it / "generated_accepted.jsonl").is_file() else []
-    rejected = read_jsonl(it / "generated_rejected.jsonl") if (
-        it / "generated_rejected.jsonl").is_file() else []
+    accepted = read_jsonl(it / artifacts.GENERATED_ACCEPTED) if (
+        it / artifacts.GENERATED_ACCEPTED).is_file() else []
+    rejected = read_jsonl(it / artifacts.GENERATED_REJECTED) if (
+        it / artifacts.GENERATED_REJECTED).is_file() else []
     by_reason: dict[str, list[dict]] = {}
     for row in rejected:
         if "record" in row:  # malformed rows have no record to check
@@ -82,19 +83,19 @@ def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None 
     for reason, records in sorted(by_reason.items()):
         quality[reason] = _quality(records, scenes)
     generated_skills = Counter(check_record(r, scenes)[0] or "(off-template)" for r in accepted)
-    report = read_json(it / "generation_report.json") if (
-        it / "generation_report.json").is_file() else {}
+    report = read_json(it / artifacts.GENERATION_REPORT) if (
+        it / artifacts.GENERATION_REPORT).is_file() else {}
     asked = report.get("asked", 0)
     acceptance = {"asked": asked, "accepted": report.get("accepted", 0),
                   "parsed": asked - report.get("dropped", {}).get("malformed", 0)}
     for reason in DROP_REASONS:
         acceptance[reason] = report.get("dropped", {}).get(reason, 0)
     student_errors: dict[str, dict] = {}
-    if probe is not None and (it / "student_probe_answers.jsonl").is_file():
+    if probe is not None and (it / artifacts.STUDENT_PROBE_ANSWERS).is_file():
         by_id = {i.id: i for i in probe}
-        hard = {r["id"]: r["hard"] for r in read_jsonl(it / "assessment.jsonl")} if (
-            it / "assessment.jsonl").is_file() else {}
-        for row in read_jsonl(it / "student_probe_answers.jsonl"):
+        hard = {r["id"]: r["hard"] for r in read_jsonl(it / artifacts.ASSESSMENT)} if (
+            it / artifacts.ASSESSMENT).is_file() else {}
+        for row in read_jsonl(it / artifacts.STUDENT_PROBE_ANSWERS):
             inst = by_id.get(row["id"])
             if inst is None:
                 continue
@@ -104,7 +105,7 @@ def iteration_diagnostics(it: Path, scenes: dict[str, dict], probe: list | None 
             s["hard"] += hard.get(inst.id) is True
     out = {"label_quality": quality, "generated_skills": dict(sorted(generated_skills.items())),
            "acceptance": acceptance, "student_probe_errors": dict(sorted(student_errors.items()))}
-    if (it / "teacher_self_assessment.jsonl").is_file():
+    if (it / artifacts.TEACHER_SELF_ASSESSMENT).is_file():
         out["teacher_self"] = _teacher_self(it, scenes, probe)
     return out
 
@@ -113,11 +114,11 @@ def _teacher_self(it: Path, scenes: dict[str, dict], probe: list | None) -> dict
     """The self-improving teacher against the hidden truth: per skill, its letters'
     errors on the probes and how many it marked unreliable (letter and rationale
     disagree), and the precision of the labels it gave its own instances."""
-    own = read_jsonl(it / "teacher_generated_accepted.jsonl") if (
-        it / "teacher_generated_accepted.jsonl").is_file() else []
+    own = read_jsonl(it / artifacts.TEACHER_GENERATED_ACCEPTED) if (
+        it / artifacts.TEACHER_GENERATED_ACCEPTED).is_file() else []
     per_skill: dict[str, dict] = {}
     by_id = {i.id: i for i in probe or []}
-    for row in read_jsonl(it / "teacher_self_assessment.jsonl"):
+    for row in read_jsonl(it / artifacts.TEACHER_SELF_ASSESSMENT):
         inst = by_id.get(row["id"])
         if inst is None:
             continue
@@ -143,7 +144,7 @@ def run_diagnostics(run_dir: Path, iterations: int, scenes: dict[str, dict],
     out = {}
     for k in range(1, iterations + 1):
         it = run_dir / f"iter_{k}"
-        if not (it / "generation_report.json").is_file():
+        if not (it / artifacts.GENERATION_REPORT).is_file():
             break
         out[k] = iteration_diagnostics(it, scenes, probe)
     return out
@@ -156,8 +157,8 @@ def writing_check(model, processor, n: int = 96, seed: int = 0,
     those are judged on their image: correct, wrong, ill_posed, off_template."""
     import random
 
+    from mmdc.data.prompts import build_write_prompt, parse_written
     from mmdc.generation import Request, generate
-    from mmdc.prompts import build_write_prompt, parse_written
 
     rng = random.Random(f"mmdc-writing-check-{seed}")
     seeds = world.sample_instances(n, {k: 1.0 for k in world.SKILL_NAMES}, "writing-check",

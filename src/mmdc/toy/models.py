@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmdc.prompts import build_prompt, build_target, format_written, write_instruction
+from mmdc.data.prompts import build_prompt, build_target, format_written, write_instruction
 from mmdc.toy import world
 from mmdc.toy.world import vqa_answer, vqa_prompt
 

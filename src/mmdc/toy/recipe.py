@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from mmdc.data.prompts import build_prompt, build_target, build_write_prompt, format_written
 from mmdc.data.record import Instance
 from mmdc.generation import chat_text
-from mmdc.prompts import build_prompt, build_target, build_write_prompt, format_written
 from mmdc.toy import world
 
 log = logging.getLogger(__name__)

@@ -162,8 +162,8 @@ def test_static_cache_gives_the_dynamic_cache_greedy_outputs(synth_root):
     """The static KV cache (fixed shapes, prompts padded to a bucket) decodes greedily to
     the same texts as the plain path, text-only and with images, in mixed-length batches."""
     from mmdc.config import ModelConfig
+    from mmdc.data.prompts import build_prompt
     from mmdc.models.load import load_configured
-    from mmdc.prompts import build_prompt
 
     loaded = load_configured(ModelConfig(path="builtin:teacher", device="cpu", cache="static"))
     assert loaded.cache == "static"

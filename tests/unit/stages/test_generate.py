@@ -3,16 +3,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from mmdc.artifacts import GenerationReport
+from mmdc.data.prompts import format_written
 from mmdc.data.record import Instance
-from mmdc.prompts import format_written
-from mmdc.stages.generate import (
-    DuplicateFilter,
-    GenerationReport,
-    Seed,
-    majority,
-    parse_instance,
-    select_seeds,
-)
+from mmdc.stages.generate import DuplicateFilter, parse_instance
+from mmdc.stages.seeds import Seed, select_seeds
+from mmdc.stages.verify import majority
 
 
 def _inst(i, image="images/a.png", skill="count", question="How many shapes are there?"):
@@ -169,7 +165,7 @@ def test_max_accepted_caps_the_budget_and_counts_the_rest(monkeypatch):
 
 
 def test_challenge_by_kind_keeps_a_guessing_students_both_answers():
-    from mmdc.stages.generate import mastered_kinds
+    from mmdc.stages.verify import mastered_kinds
 
     def inst(n, seed_skill, mode="same"):
         return Instance(id=f"g{n}", question="q", choices=["a", "b"], answer=n % 2,
@@ -190,7 +186,7 @@ def test_kinds_follow_the_lecture_the_teacher_wrote_when_it_is_shared():
     """Instances written for one seed skill can be questions of another (the image could
     not carry the seed's skill): a shared lecture says which skill each one exercises, so
     the student's mastery of the others does not hide the one it has not learnt."""
-    from mmdc.stages.generate import kinds_of, mastered_kinds
+    from mmdc.stages.verify import kinds_of, mastered_kinds
 
     def inst(n, seed_skill, lecture):
         return Instance(id=f"g{n}", question="q", choices=["a", "b"], answer=0,
@@ -217,7 +213,7 @@ def test_similar_pairing_writes_a_magnet_seed_on_a_magnet_image():
     images that look most like the seed's own in the (frozen) vision tower, so that the
     image can carry the seed's skill; any free image otherwise."""
     from mmdc.models.load import load_model
-    from mmdc.stages.generate import embed_images, rank_by_similarity
+    from mmdc.stages.seeds import embed_images, rank_by_similarity
     from mmdc.toy import world
 
     rng = random.Random(0)
@@ -281,7 +277,7 @@ def test_a_generated_instance_takes_the_skill_its_lecture_belongs_to():
 
 
 def test_refill_seeds_draw_again_from_the_seeds_whose_instances_were_kept():
-    from mmdc.stages.generate import refill_seeds
+    from mmdc.stages.seeds import refill_seeds
 
     seeds = [Seed(_inst("h1"), "same", "p/0.png"), Seed(_inst("h2"), "same", "p/1.png"),
              Seed(_inst("e1", skill="color"), "rarer", "p/2.png")]
@@ -327,7 +323,7 @@ def test_refill_rounds_fill_the_cap_from_the_kept_seeds(monkeypatch):
     written from the seeds whose instances were kept, each asked for what is still missing,
     numbered after what was asked, checked for duplicates against what was kept, until the
     cap is filled or generate.refill rounds have run."""
-    from mmdc import steps
+    from mmdc import writing
     from mmdc.config import Config
 
     calls = []
@@ -341,14 +337,14 @@ def test_refill_rounds_fill_the_cap_from_the_kept_seeds(monkeypatch):
         report.dropped["not_challenging"] += len(seeds) - len(new)
         return new, [{"id": "x", "reason": "not_challenging"}] * (len(seeds) - len(new)), report
 
-    monkeypatch.setattr(steps, "_write_generation", write)
+    monkeypatch.setattr(writing, "write_generation", write)
     cfg = Config.model_validate({"generate": {"max_accepted": 8, "refill": 3}})
     loop = SimpleNamespace(cfg=cfg, pool_images=[f"p/{i}.png" for i in range(50)],
                            used_images=set())
     seeds = [Seed(_inst(f"h{i}"), "same", f"p/{i}.png") for i in range(10)]
     accepted, rejected, report = write(loop, 1, "generate", seeds, challenge=True)
     calls.clear()
-    steps._refill(loop, 1, seeds, accepted, rejected, report, random.Random(0))
+    writing.refill(loop, 1, seeds, accepted, rejected, report, random.Random(0))
     # 3 kept of 8: 10 seeds for the 5 missing; 6 kept: 4 seeds for the 2 missing; full
     assert calls == [("generate_refill1", 10, 5, 10, 3), ("generate_refill2", 4, 2, 20, 6)]
     assert len(accepted) == 8 and report.accepted == 8 and report.asked == 24
@@ -356,7 +352,7 @@ def test_refill_rounds_fill_the_cap_from_the_kept_seeds(monkeypatch):
     assert report.dropped["not_challenging"] == len(rejected) == 7 + 7 + 2
     cfg.generate.refill = 0
     calls.clear()
-    steps._refill(loop, 1, seeds, accepted[:3], [], GenerationReport(), random.Random(0))
+    writing.refill(loop, 1, seeds, accepted[:3], [], GenerationReport(), random.Random(0))
     assert calls == []
 
 
@@ -365,7 +361,7 @@ def test_writing_yield_counts_what_the_teacher_could_verify_for_hard_seeds():
     """generate.by_yield: per seed skill, (verified + 1) / (written and judged + 2) over the
     instances written for hard seeds; easy seeds and drops before verification (malformed,
     duplicate) do not count."""
-    from mmdc.stages.generate import writing_yield
+    from mmdc.stages.seeds import writing_yield
 
     def rec(seed_skill, mode="same"):
         return {"meta": {"seed_skill": seed_skill, "mode": mode}}
@@ -421,7 +417,7 @@ def test_yield_weights_read_the_earlier_iterations(tmp_path):
     """The loop weighs each hard probe by its skill's writing yield in the iterations
     before (none in the first, none unless generate.by_yield and targeted)."""
     from mmdc.data.pool import write_jsonl
-    from mmdc.steps import _yield_weights
+    from mmdc.writing import yield_weights as _yield_weights
 
     (tmp_path / "iter_1").mkdir()
     write_jsonl(tmp_path / "iter_1" / "generated_rejected.jsonl",

@@ -5,11 +5,12 @@ from collections import Counter
 import pytest
 
 from mmdc.config import Config
-from mmdc.data.load import SYNTH_MARKER, Split, ensure_synthetic
+from mmdc.data.load import SYNTH_MARKER, Split
 from mmdc.data.scienceqa import read_scienceqa
 from mmdc.errors import DataError
 from mmdc.evaluation import columns_of
 from mmdc.toy import world
+from mmdc.toy.task import ensure_synthetic
 from tests.conftest import SMALL
 
 

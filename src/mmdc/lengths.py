@@ -14,67 +14,9 @@ from __future__ import annotations
 import logging
 
 from mmdc.errors import ConfigError
+from mmdc.training import LengthCounter, fit_max_length
 
 log = logging.getLogger(__name__)
-
-
-class LengthCounter:
-    """Token lengths of chat rows under one processor, image tokens counted as the
-    processor expands them (asked once per image size)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self._per_size: dict[tuple[int, int], int] = {}
-
-    def image_tokens(self, image) -> int:
-        size = tuple(image.size)
-        if size not in self._per_size:
-            proc = self.processor
-            text = proc.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
-                tokenize=False, add_generation_prompt=False)
-            ids = proc(text=[text], images=[image], add_special_tokens=False)["input_ids"][0]
-            image_id = proc.tokenizer.convert_tokens_to_ids(proc.image_token)
-            self._per_size[size] = sum(int(t == image_id) for t in ids)
-        return self._per_size[size]
-
-    def text_tokens(self, messages: list[dict], add_generation_prompt: bool = False) -> int:
-        """Tokens of the conversation with each image as its one placeholder token."""
-        text = self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def row(self, row: dict) -> tuple[int, int]:
-        """(total tokens, image tokens) of a prompt-completion row (mmdc.stages.align.sft_rows),
-        with one token of slack for the end-of-sequence token the trainer may add."""
-        images = sum(self.image_tokens(img) for img in row.get("images") or [])
-        n_images = len(row.get("images") or [])
-        text = self.text_tokens(row["prompt"] + row["completion"])
-        return text - n_images + images + 1, images
-
-    def prompt(self, prompt: str, image) -> int:
-        """Tokens of a generation prompt (the user turn and the assistant's opening)."""
-        content = ([{"type": "image"}] if image is not None else []) + [
-            {"type": "text", "text": prompt}]
-        n = self.text_tokens([{"role": "user", "content": content}], add_generation_prompt=True)
-        return n + (self.image_tokens(image) - 1 if image is not None else 0)
-
-
-def fit_max_length(processor, rows: list[dict], configured: int | None, key: str) -> int:
-    """The ``max_length`` to train ``rows`` with: the longest row when ``configured`` is
-    None; ``configured`` when every row fits; else a ConfigError naming ``key`` and the
-    length needed."""
-    counter = LengthCounter(processor)
-    longest, images = max((counter.row(r) for r in rows), default=(0, 0))
-    if configured is None:
-        log.debug("%s: sized from the data: %d tokens (%d image tokens)", key, longest, images)
-        return longest
-    if longest > configured:
-        raise ConfigError(
-            f"key '{key}': {configured} is too short for the data: its longest row needs "
-            f"{longest} tokens ({images} of them image tokens); set {key}={longest} or more, "
-            f"or leave it unset to size it from the data")
-    return configured
 
 
 def check_positions(processor, model_path, longest_prompt: int, max_new: dict[str, int],
@@ -100,10 +42,10 @@ def check_lengths(cfg, seed_split, splits) -> None:
     """Before any work: every training row the run will build fits its ``max_length`` (when
     set) and no generation runs past a model's positions. ``splits`` are the splits the
     run asks models about (probe, test); the seed split is trained on."""
+    from mmdc.data.prompts import build_prompt, build_write_prompt
     from mmdc.data.record import Instance  # noqa: F401 - for the reader
     from mmdc.models.load import load_processor, resolve_model_path
-    from mmdc.prompts import build_prompt, build_write_prompt
-    from mmdc.stages.align import sft_rows
+    from mmdc.training import sft_rows
 
     labelled = [i for i in seed_split.instances if i.answer is not None]
     seed_images = [seed_split.image(i) for i in labelled]

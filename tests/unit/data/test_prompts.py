@@ -1,7 +1,6 @@
 import pytest
 
-from mmdc.data.record import Instance
-from mmdc.prompts import (
+from mmdc.data.prompts import (
     build_prompt,
     build_target,
     build_write_prompt,
@@ -9,6 +8,7 @@ from mmdc.prompts import (
     parse_answer,
     parse_written,
 )
+from mmdc.data.record import Instance
 
 
 def _inst(**kw):

@@ -54,8 +54,7 @@ def test_row_lengths_are_exact(llava576, synth_root):
     from mmdc.config import DataConfig
     from mmdc.data.load import load_split
     from mmdc.models.load import load_processor
-    from mmdc.stages.align import sft_rows
-    from mmdc.stages.lengths import LengthCounter
+    from mmdc.training import LengthCounter, sft_rows
 
     processor = load_processor(str(llava576))
     split = load_split(DataConfig(root=str(synth_root), synth=dict(

@@ -8,8 +8,8 @@ from mmdc.config import LoraConfigSection, TrainConfig
 from mmdc.data.load import Split
 from mmdc.data.scienceqa import read_scienceqa
 from mmdc.models.load import load_model
-from mmdc.stages.align import apply_lora, export_merged, sft_rows, train_sft
 from mmdc.toy import models as toy
+from mmdc.training import apply_lora, export_merged, sft_rows, train_sft
 
 
 def test_align_lora_on_language_model_with_projector(synth_root, tmp_path):
