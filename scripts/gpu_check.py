@@ -55,9 +55,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch", file=sys.stderr)
         return 2
+    from mmdc.data.prompts import build_prompt
     from mmdc.generation import Request
     from mmdc.models.load import load_model
-    from mmdc.prompts import build_prompt
     from mmdc.toy import world
 
     rows = [("device", torch.cuda.get_device_name(0)), ("torch", torch.__version__)]
