@@ -8,8 +8,9 @@
                               seeded from hard and easy probes; accepted ones join the pool
     iter_k/teacher_generate   (loop.self_improve) the teacher writes and verifies instances
                               where its own letter and rationale disagree on a probe
-    iter_k/teacher_update     (loop.self_improve) the teacher learns the iteration's verified
-                              instances with rationales of its own that reach their answers
+    iter_k/teacher_update     (loop.self_improve) the teacher learns its letters on every
+                              instance it has labelled so far, replaying seed instances it
+                              answers consistently
     iter_k/teacher_answers    the teacher answers the instruction pool (cached JSONL)
     iter_k/imitate            the student learns the teacher's answers (LoRA, TRL SFT)
     iter_k/evaluate           teacher and student on the held-out test split

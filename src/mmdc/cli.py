@@ -7,7 +7,7 @@
     mmdc models build-toy                build the toy vision tower, teacher and student
     mmdc models info [PATH ...]          parameters and vocabulary sharing
     mmdc run [CONFIG] [k=v ...]          the whole pipeline; rerun into the same folder resumes
-    mmdc calibrate [CONFIG] [k=v ...]    the calibration iterations (after align)
+    mmdc calibrate [CONFIG] [k=v ...]    another name for mmdc run
     mmdc report RUN_DIR                  rebuild a run's report.md from its files
     mmdc export RUN_DIR --out DIR        the final student, merged, as a plain HF checkpoint
     mmdc demo                            the built-in default, end to end (= mmdc run)
@@ -123,19 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(align)
     align.set_defaults(func=commands.cmd_align)
 
-    run_p = sub.add_parser("run", help="the whole MmDC pipeline a config describes (align, "
-                           "then imitate/assess/generate/evaluate per iteration); rerunning "
-                           "into the same run folder resumes")
+    run_p = sub.add_parser(
+        "run", aliases=["calibrate"],
+        help="the whole MmDC pipeline a config describes, in this order: baseline (the "
+             "student as given), align (stage 1, LoRA), then per iteration assess, generate, "
+             "teacher_generate and teacher_update (the self-improving teacher, "
+             "loop.self_improve), teacher_answers, imitate, evaluate; rerunning into the "
+             "same run folder resumes (calibrate is another name for it)")
     _config_args(run_p)
     run_p.add_argument("--resume", action="store_true", help="continue the run in run_dir "
                        "(an error if there is none); rerunning without it resumes too")
     run_p.set_defaults(func=commands.cmd_run)
-    calib = sub.add_parser("calibrate", help="the calibration iterations (imitate, assess, "
-                           "generate, evaluate) in run_dir, after the align step (which runs "
-                           "first if it has not)")
-    _config_args(calib)
-    calib.add_argument("--resume", action="store_true", help="as for run")
-    calib.set_defaults(func=commands.cmd_run)
     report = sub.add_parser("report", help="rebuild report.md of a run folder from its files")
     report.add_argument("run_dir")
     report.set_defaults(func=commands.cmd_report)
