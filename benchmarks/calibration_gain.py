@@ -10,8 +10,8 @@ that fell short of the cap shows). The arms:
 
 * ``self-improve``: the default: seeds from the probe questions the assessment marked
   hard, and the teacher improves itself, label-free, where its letter and its rationale
-  disagree (``loop.self_improve=true``);
-* ``fixed-teacher``: the same, with the teacher as given (``loop.self_improve=false``);
+  disagree (``improve.enabled=true``);
+* ``fixed-teacher``: the same, with the teacher as given (``improve.enabled=false``);
 * ``random``: seeds drawn at random from the instruction pool (the teacher still
   improves itself);
 * ``none``: plain distillation: nothing generated, the teacher as given.
@@ -46,10 +46,10 @@ DEFAULT_ARM = "self-improve"
 
 
 def arm_overrides(strategy: str) -> list[str]:
-    return {"self-improve": ["loop.strategy=targeted", "loop.self_improve=true"],
-            "fixed-teacher": ["loop.strategy=targeted", "loop.self_improve=false"],
-            "random": ["loop.strategy=random", "loop.self_improve=true"],
-            "none": ["loop.strategy=none", "loop.self_improve=false"]}[strategy]
+    return {"self-improve": ["loop.strategy=targeted", "improve.enabled=true"],
+            "fixed-teacher": ["loop.strategy=targeted", "improve.enabled=false"],
+            "random": ["loop.strategy=random", "improve.enabled=true"],
+            "none": ["loop.strategy=none", "improve.enabled=false"]}[strategy]
 
 
 def child(run_dir: str, overrides: list[str]) -> int:

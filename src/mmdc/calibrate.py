@@ -6,9 +6,9 @@
                               marks hard / easy (a self-improving teacher also checks itself)
     iter_k/generate           the teacher writes, verifies and filters new instances
                               seeded from hard and easy probes; accepted ones join the pool
-    iter_k/teacher_generate   (loop.self_improve) the teacher writes and verifies instances
+    iter_k/teacher_generate   (improve.enabled) the teacher writes and verifies instances
                               where its own letter and rationale disagree on a probe
-    iter_k/teacher_update     (loop.self_improve) the teacher learns its letters on every
+    iter_k/teacher_update     (improve.enabled) the teacher learns its letters on every
                               instance it has labelled so far, replaying seed instances it
                               answers consistently
     iter_k/teacher_answers    the teacher answers the instruction pool (cached JSONL)
@@ -67,7 +67,7 @@ def _always(cfg: Config) -> bool:
 
 
 def _self_improving(cfg: Config) -> bool:
-    return cfg.loop.self_improve
+    return cfg.improve.enabled
 
 
 # One iteration, in MmDC's order: assess the student, have the teacher write instances

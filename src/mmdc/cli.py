@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole MmDC pipeline a config describes, in this order: baseline (the "
              "student as given), align (stage 1, LoRA), then per iteration assess, generate, "
              "teacher_generate and teacher_update (the self-improving teacher, "
-             "loop.self_improve), teacher_answers, imitate, evaluate; rerunning into the "
+             "improve.enabled), teacher_answers, imitate, evaluate; rerunning into the "
              "same run folder resumes (calibrate is another name for it)")
     _config_args(run_p)
     run_p.add_argument("--resume", action="store_true", help="continue the run in run_dir "

@@ -11,10 +11,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmdc.answering import ask
 from mmdc.data.pool import write_json, write_jsonl
-from mmdc.data.prompts import build_prompt, parse_answer
 from mmdc.data.record import LETTERS, Instance
-from mmdc.generation import Request
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +149,8 @@ def evaluate(generator, split, *, fmt: str = "CQM-A", batch_size: int = 64,
         instances = instances[:limit]
     for inst in instances:  # load (and check) every image before generating anything
         split.image(inst)
-    prompts = [build_prompt(i, fmt) for i in instances]
-    requests = [Request(p, split.image(i)) for p, i in zip(prompts, instances)]
-    outputs = generator.generate(requests, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, desc=desc)
-    preds = [parse_answer(o, len(i.choices)) for o, i in zip(outputs, instances)]
+    prompts, outputs, preds = ask(generator, instances, [split.image(i) for i in instances],
+                                  fmt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  desc=desc)
     return EvalResult(instances, prompts, outputs, preds,
                       column_scores(instances, preds), skill_scores(instances, preds))

@@ -77,12 +77,12 @@ def check_lengths(cfg, seed_split, splits) -> None:
                     f"imitation row needs up to {need} tokens (the longest seed prompt and "
                     f"imitate.max_new_tokens={im.max_new_tokens}); set it to {need} or more, "
                     "or leave it unset to size it from the data")
-        if role == "teacher" and cfg.loop.self_improve:
-            t = cfg.loop.teacher_train
-            need = lea + cfg.generate.max_new_tokens + 1
+        if role == "teacher" and cfg.improve.enabled:
+            t = cfg.improve.train
+            need = lea + cfg.improve.rationale_max_new_tokens + 1
             if t.max_length is not None and need > t.max_length:
                 raise ConfigError(
-                    f"key 'loop.teacher_train.max_length': {t.max_length} is too short: the "
+                    f"key 'improve.train.max_length': {t.max_length} is too short: the "
                     f"teacher's update rows need up to {need} tokens; set it to {need} or "
                     "more, or leave it unset to size it from the data")
         others = [counter.prompt(build_prompt(i, fmt), s.image(i)) for s, i in asked
@@ -97,4 +97,6 @@ def check_lengths(cfg, seed_split, splits) -> None:
             new = {"eval.max_new_tokens": cfg.eval.max_new_tokens,
                    "imitate.max_new_tokens": cfg.imitate.max_new_tokens,
                    "generate.max_new_tokens": cfg.generate.max_new_tokens}
+            if cfg.improve.enabled:
+                new["improve.rationale_max_new_tokens"] = cfg.improve.rationale_max_new_tokens
         check_positions(processor, resolve_model_path(mcfg.path), prompt_max, new, role)

@@ -281,8 +281,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def changed_keys(old: dict, new: Config) -> list[str]:
     """Dotted config keys whose value differs between a saved config and ``new``; a key
     the saved config lacks (written by an older mmdc) counts at its default."""
+    from mmdc.schema import upgrade
+
     before = _flatten(Config().model_dump(mode="json"))
-    before.update(_flatten(old))
+    before.update(_flatten(upgrade(old)))
     after = _flatten(new.model_dump(mode="json"))
     return sorted(k for k in before.keys() | after.keys()
                   if before.get(k) != after.get(k)

@@ -33,7 +33,7 @@ def step_baseline(loop: Loop) -> str:
     cfg = loop.cfg
     res = evaluate_on(cfg, student_model(cfg, None), loop.test, "baseline: eval student")
     metrics = {"student": {"columns": res.columns, "skills": res.skills}}
-    if cfg.loop.self_improve:
+    if cfg.improve.enabled:
         metrics.update(_teacher_metrics(loop))
     if loop.main:
         write_json(loop.run_dir / "baseline" / artifacts.METRICS, metrics)
@@ -65,11 +65,11 @@ def step_assess(loop: Loop, k: int) -> str:
     t_rows = answer_pool(teacher, p_inst, p_img, fmt="CQM-A", desc=f"iter {k}: teacher probes",
                          **short)
     self_check = None
-    if cfg.loop.self_improve:
+    if cfg.improve.enabled:
         from mmdc.stages.improve import unreliable
 
         r_rows = answer_pool(loop.teacher(step, "teacher-rationales"), p_inst, p_img,
-                             fmt="CQM-LEA", max_new_tokens=cfg.generate.max_new_tokens,
+                             fmt="CQM-LEA", max_new_tokens=cfg.improve.rationale_max_new_tokens,
                              batch_size=cfg.eval.batch_size,
                              desc=f"iter {k}: teacher rationales")
         self_check = unreliable(p_inst, t_rows, r_rows)
@@ -149,13 +149,14 @@ def step_teacher_generate(loop: Loop, k: int) -> str:
     by_id = {i.id: i for i in loop.probe.instances}
     weak = [by_id[r["id"]] for r in rows if r["unreliable"]]
     accepted, rejected, report = [], [], None
-    if weak and cfg.loop.teacher_seeds:
-        seeds = select_seeds(weak, [], cfg.loop.teacher_seeds, free_images(loop),
+    if weak and cfg.improve.seeds:
+        seeds = select_seeds(weak, [], cfg.improve.seeds, free_images(loop),
                              random.Random(f"{cfg.seed}-teacher-generate-{k}"),
                              near=near_images(loop, weak))
         accepted, rejected, report = write_generation(
             loop, k, "teacher_generate", seeds, challenge=False,
-            verify_prompt=cfg.loop.teacher_verify_prompt, tau=cfg.loop.teacher_tau)
+            verify_prompt=cfg.improve.verify_prompt, tau=cfg.improve.tau,
+            rationale_tokens=cfg.improve.rationale_max_new_tokens)
     if loop.main:
         write_pool(it / artifacts.TEACHER_GENERATED_ACCEPTED, accepted)
         write_jsonl(it / artifacts.TEACHER_GENERATED_REJECTED, rejected)
@@ -182,25 +183,25 @@ def step_teacher_update(loop: Loop, k: int) -> str:
     own = [i for j in range(1, k + 1)
            for i in read_pool(loop.it(j) / artifacts.TEACHER_GENERATED_ACCEPTED)]
     replay, losses = [], []
-    if own and cfg.loop.teacher_replay:
+    if own and cfg.improve.replay:
         seeds = [i for i in loop.labelled if i.choices]
         images = images_of(loop, seeds)
         letters = answer_pool(loop.teacher(step), seeds, images, fmt="CQM-A",
                               max_new_tokens=cfg.eval.max_new_tokens,
                               batch_size=cfg.eval.batch_size, desc=f"iter {k}: replay letters")
         rationales = answer_pool(loop.teacher(step, "teacher-rationales"), seeds, images,
-                                 fmt="CQM-LEA", max_new_tokens=cfg.generate.max_new_tokens,
+                                 fmt="CQM-LEA", max_new_tokens=cfg.improve.rationale_max_new_tokens,
                                  batch_size=cfg.eval.batch_size,
                                  desc=f"iter {k}: replay rationales")
         replay = replay_set(unreliable(seeds, letters, rationales), {i.id: i for i in seeds},
-                            cfg.loop.teacher_replay, f"{cfg.seed}-teacher-replay-{k}")
+                            cfg.improve.replay, f"{cfg.seed}-teacher-replay-{k}")
         gc.collect()
     if own:
         rows = update_rows(own, images_of(loop, own), replay, images_of(loop, replay))
         losses = train_role(cfg, cfg.teacher, rows, _teacher_start(loop), it / "teacher_adapter",
                             loop.run_dir / "tensorboard" / f"teacher-{k}",
-                            cfg.loop.teacher_train, label=step,
-                            max_length_key="loop.teacher_train.max_length")
+                            cfg.improve.train, label=step,
+                            max_length_key="improve.train.max_length")
     if loop.main:
         write_json(it / artifacts.TEACHER_UPDATE,
                    {"instances": len(own), "replay": len(replay), "losses": losses})
@@ -288,7 +289,7 @@ def _teacher_metrics(loop: Loop) -> dict:
     res = evaluate_on(cfg, journaled(teacher_backend(cfg, None, loop.run_dir), loop.run_dir,
                                      "baseline", "teacher-rationales"),
                       loop.test, "baseline: eval teacher rationales", fmt="CQM-LEA",
-                      max_new_tokens=cfg.generate.max_new_tokens)
+                      max_new_tokens=cfg.improve.rationale_max_new_tokens)
     base = evaluate_on(cfg, teacher_backend(cfg, None, loop.run_dir), loop.test,
                        "baseline: eval teacher")
     return {"teacher": {"columns": base.columns, "skills": base.skills},

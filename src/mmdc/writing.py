@@ -17,11 +17,13 @@ from mmdc.models.load import load_configured
 
 
 def write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool,
-                      max_accepted: int | None = None, first_id: int = 0, also: tuple = (),
-                      verify_prompt: str | None = None, tau: float | None = None):
+                     max_accepted: int | None = None, first_id: int = 0, also: tuple = (),
+                     verify_prompt: str | None = None, tau: float | None = None,
+                     rationale_tokens: int | None = None):
     """Write and verify instances from ``seeds`` (``also``: instances of this iteration
     already kept, for the duplicate filter; ``verify_prompt`` / ``tau`` replace the
-    generate section's); (accepted, rejected, report)."""
+    generate section's, ``rationale_tokens`` the length of rationale votes, by default
+    ``generate.max_new_tokens``); (accepted, rejected, report)."""
     from mmdc.stages.generate import generate_instances
 
     cfg, g = loop.cfg, loop.cfg.generate
@@ -39,7 +41,8 @@ def write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool,
         max_accepted=g.max_accepted if max_accepted is None else max_accepted,
         verify_prompt=verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
         first_id=first_id,
-        verify_max_new_tokens=cfg.eval.max_new_tokens if verify_prompt == "CQM-A" else None)
+        verify_max_new_tokens=cfg.eval.max_new_tokens if verify_prompt == "CQM-A"
+        else rationale_tokens)
     del teacher, student
     gc.collect()
     return out

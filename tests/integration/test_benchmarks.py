@@ -9,8 +9,8 @@ from tests.conftest import ROOT, TINY, small_data_overrides
 def test_calibration_gain_runs_every_arm_and_prints_its_tables(tmp_path):
     """Two runs at a time (--jobs 2): the task is written once, before the runs."""
     overrides = [*small_data_overrides(tmp_path / "data"),  # every arm sets self_improve
-                 *(a for a in TINY if not a.startswith("loop.self_improve")),
-                 "loop.teacher_train.max_steps=2", "loop.teacher_train.batch_size=4"]
+                 *(a for a in TINY if not a.startswith("improve.enabled")),
+                 "improve.train.max_steps=2", "improve.train.batch_size=4"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "calibration_gain.py"), "--seeds", "0",
          "--out", str(tmp_path / "out"), "--jobs", "2", *overrides],

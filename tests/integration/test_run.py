@@ -257,9 +257,9 @@ def test_killed_during_iteration_2_then_resume(tmp_path, sig):
 def test_self_improving_teacher_labels_its_weak_spots_by_its_rationales(tmp_path):
     run_dir = tmp_path / "run"
     args = ["run", f"run_dir={run_dir}", *small_data_overrides(tmp_path / "data"), *TINY,
-            "loop.self_improve=true", "loop.teacher_train.max_steps=2",
-            "align.roles=[student, teacher]", "loop.teacher_seeds=4", "loop.teacher_tau=0.0",
-            "loop.teacher_replay=3", "loop.teacher_train.batch_size=4",
+            "improve.enabled=true", "improve.train.max_steps=2",
+            "align.roles=[student, teacher]", "improve.seeds=4", "improve.tau=0.0",
+            "improve.replay=3", "improve.train.batch_size=4",
             "generate.challenge=false", "generate.tau=0.0", "generate.per_iteration=6"]
     assert main(args) == 0
     it = run_dir / "iter_1"

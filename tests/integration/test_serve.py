@@ -177,7 +177,7 @@ def test_one_calibration_iteration_through_the_server_matches_hf(server, tmp_pat
     data = small_data_overrides(tmp_path / "data")
     greedy = [*TINY, "generate.temperature=0"]
     assert main(["run", f"run_dir={tmp_path / 'hf'}", *data, *greedy]) == 0
-    served = ["teacher.backend=openai", f"teacher.endpoint={server}/v1", "loop.self_improve=false",
+    served = ["teacher.backend=openai", f"teacher.endpoint={server}/v1", "improve.enabled=false",
               f"teacher.served_name={NAME}", f"teacher.api_key_env={TOKEN_ENV}"]
     os.environ[TOKEN_ENV] = TOKEN
     assert main(["run", f"run_dir={tmp_path / 'openai'}", *data, *greedy, *served]) == 0
@@ -319,15 +319,15 @@ def test_run_with_an_unreachable_teacher_fails_in_one_line(tmp_path, capsys):
 def test_backends_that_need_weights_are_refused_by_name(capsys):
     base = ["run", "teacher.backend=openai", "teacher.endpoint=http://127.0.0.1:1/v1"]
     for extra, words in ((["imitate.kd=forward_kl"], "imitate.kd=forward_kl"),
-                         (["loop.self_improve=true"], "loop.self_improve"),
+                         (["improve.enabled=true"], "improve.enabled"),
                          (["align.roles=[student,teacher]"], "align.roles")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert "teacher.backend" in err and words in err
     assert main(base) == 2  # the built-in default's teacher improves itself: say how not to
     err = capsys.readouterr().err
-    assert "loop.self_improve=true (the default)" in err
-    assert "or loop.self_improve=false for a teacher as given" in err
+    assert "improve.enabled=true (the default)" in err
+    assert "or improve.enabled=false for a teacher as given" in err
     assert main(["run", "teacher.backend=openai"]) == 2  # no endpoint
     assert "teacher.endpoint" in capsys.readouterr().err
     assert main(["run", "student.backend=openai"]) == 2

@@ -93,3 +93,24 @@ def test_missing_file():
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["justakey"])
+
+
+def test_the_self_improving_teacher_keys_an_earlier_mmdc_wrote_still_load(tmp_path):
+    """loop.self_improve and loop.teacher_* moved to the improve section: an old config
+    file, an old override and an old run folder's saved config all still mean the same."""
+    from mmdc.runstate import changed_keys
+
+    old = tmp_path / "old.yaml"
+    old.write_text("loop:\n  self_improve: false\n  teacher_tau: 0.7\n"
+                   "  teacher_train:\n    max_steps: 7\n")
+    cfg = load_config(old)
+    assert not cfg.improve.enabled and cfg.improve.tau == 0.7
+    assert cfg.improve.train.max_steps == 7 and cfg.improve.train.learning_rate == 5e-4
+    assert load_config(None, ["loop.teacher_seeds=3"]).improve.seeds == 3
+    assert load_config(None, ["loop.self_improve=false", "improve.enabled=true"]).improve.enabled
+    saved = yaml.safe_load(config_to_yaml(Config()))
+    saved["loop"].update(self_improve=saved["improve"].pop("enabled"),
+                         teacher_train=saved["improve"].pop("train"))
+    assert changed_keys(saved, Config()) == []
+    assert changed_keys(saved, load_config(None, ["improve.enabled=false"])) == [
+        "improve.enabled"]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mmdc.answering import ask
 from mmdc.data.pool import read_jsonl, write_jsonl
-from mmdc.data.prompts import build_prompt, parse_answer
 from mmdc.data.record import LETTERS, Instance
-from mmdc.generation import Request
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +23,11 @@ def answer_pool(generator, instances: list[Instance], images: list, *,
                 desc: str = "answer") -> list[dict]:
     """Answer every instance; rows with id, prompt, output and the parsed choice.
     ``generator`` is any backend (:mod:`mmdc.models.backends`)."""
-    prompts = [build_prompt(i, fmt) for i in instances]
-    outputs = generator.generate([Request(p, img) for p, img in zip(prompts, images)],
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 desc=desc)
+    prompts, outputs, choices = ask(generator, instances, images, fmt,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    desc=desc)
     rows = []
-    for inst, prompt, out in zip(instances, prompts, outputs):
-        choice = parse_answer(out, len(inst.choices))
+    for inst, prompt, out, choice in zip(instances, prompts, outputs, choices):
         rows.append({"id": inst.id, "prompt": prompt, "output": out, "choice": choice,
                      "letter": None if choice is None else LETTERS[choice]})
     return rows

@@ -1,4 +1,4 @@
-"""The self-improving teacher (``loop.self_improve``), label-free, as in self-consistency
+"""The self-improving teacher (``improve.enabled``), label-free, as in self-consistency
 self-training (LMSI, Huang et al. 2022): the teacher finds where its direct answers are
 unreliable, writes instances there, labels them by the majority of its own sampled
 rationales, and trains its direct answers on those labels, replaying what it already
@@ -10,7 +10,7 @@ teacher's own answers.
    answer, one of them is wrong: the teacher is unreliable there (:func:`unreliable`).
 2. Generation: those probes seed new instances of the same kind, written and parsed as
    the student's are, and labelled by the majority of k sampled rationales
-   (``loop.teacher_verify_prompt``; at least ``loop.teacher_tau`` of the votes agree).
+   (``improve.verify_prompt``; at least ``improve.tau`` of the votes agree).
 3. Update (:func:`update_rows`): LoRA on the letters of every instance it has labelled
    so far, with their rationale-majority labels, and on a replay of seed-split instances
    where its letter and its rationale agree (that shared answer as the letter, never the

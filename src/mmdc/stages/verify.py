@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from mmdc.answering import ask
 from mmdc.artifacts import GenerationReport
 from mmdc.data.record import Instance
 
@@ -70,17 +71,14 @@ def verify_labels(teacher, candidates: list[tuple[Instance, object]], *, k: int,
                   rejected: list[dict]) -> list[tuple[Instance, object]]:
     """The (instance, image) pairs whose label the teacher's votes confirm, each relabelled
     by the majority; the others are counted and added to ``rejected`` as unverified."""
-    from mmdc.data.prompts import build_prompt, parse_answer
-    from mmdc.generation import Request
-
-    requests = [Request(build_prompt(i, verify_prompt), img) for i, img in candidates
-                for _ in range(k)]
-    samples = teacher.generate(requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               do_sample=temperature > 0, temperature=temperature,
-                               seed=seed, desc=f"iter {iteration}: teacher verifies")
+    _, _, parsed = ask(teacher, [i for i, _ in candidates], [img for _, img in candidates],
+                       verify_prompt, repeat=k, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, do_sample=temperature > 0,
+                       temperature=temperature, seed=seed,
+                       desc=f"iter {iteration}: teacher verifies")
     verified: list[tuple[Instance, object]] = []
     for j, (inst, img) in enumerate(candidates):
-        votes = [parse_answer(t, len(inst.choices)) for t in samples[j * k:(j + 1) * k]]
+        votes = parsed[j * k:(j + 1) * k]
         # the label the teacher wrote is its answer too: k + 1 votes (an instance the
         # teacher answers one way when writing and another when asked is suspect: on the
         # built-in task such disagreement marks 40% of the ill-posed instances, 4% of the
@@ -103,14 +101,10 @@ def challenge_filter(student, verified: list[tuple[Instance, object]], *, challe
                      ) -> list[tuple[Instance, object]]:
     """The pairs the student does not answer like the teacher yet (by instance or by kind);
     the others are counted and added to ``rejected`` as not challenging."""
-    from mmdc.data.prompts import build_prompt, parse_answer
-    from mmdc.generation import Request
-
-    outs = student.generate([Request(build_prompt(i, "CQM-A"), img) for i, img in verified],
-                            max_new_tokens=8, batch_size=batch_size,
-                            desc=f"iter {iteration}: student tries")
-    agrees = [parse_answer(out, len(inst.choices)) == inst.answer
-              for (inst, _), out in zip(verified, outs)]
+    _, _, parsed = ask(student, [i for i, _ in verified], [img for _, img in verified],
+                       "CQM-A", max_new_tokens=8, batch_size=batch_size,
+                       desc=f"iter {iteration}: student tries")
+    agrees = [choice == inst.answer for (inst, _), choice in zip(verified, parsed)]
     if challenge_by == "kind":
         agrees = mastered_kinds([inst for inst, _ in verified], agrees, mastery)
     accepted = []

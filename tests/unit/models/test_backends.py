@@ -73,7 +73,7 @@ def test_response_cache_survives_a_torn_last_line(tmp_path):
 def test_load_backend_builds_what_the_config_names(monkeypatch, tmp_path):
     cfg = load_config(None, ["teacher.backend=openai", "teacher.endpoint=http://127.0.0.1:9/v1",
                              "teacher.served_name=big-teacher", "teacher.api_key_env=MMDC_K",
-                             "loop.self_improve=false"])
+                             "improve.enabled=false"])
     monkeypatch.delenv("MMDC_K", raising=False)
     with pytest.raises(Exception, match="MMDC_K is not set"):
         load_backend(cfg.teacher)
