@@ -10,8 +10,9 @@ the toy diagnostics, a resume) agree.
                  teacher_probe_answers.jsonl  teacher_self_assessment.jsonl
                  generated_accepted.jsonl  generated_rejected.jsonl  generation_report.json
                  teacher_generated_accepted.jsonl  teacher_generated_rejected.jsonl
-                 teacher_generation_report.json  teacher/adapter/  teacher_update.json
-                 teacher_answers.jsonl  student/adapter/  imitate.json  metrics.json
+                 teacher_generation_report.json  teacher_adapter/  teacher_update.json
+                 teacher_answers.jsonl  student_adapter/  imitate.json  metrics.json
+                 {teacher,student}_test_{samples.jsonl,metrics.json,result.json}
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ TEACHER_GENERATION_REPORT = "teacher_generation_report.json"
 TEACHER_UPDATE = "teacher_update.json"
 TEACHER_ANSWERS = "teacher_answers.jsonl"
 IMITATE = "imitate.json"
+TEACHER_ADAPTER = "teacher_adapter"  # folders: a PEFT adapter each
+STUDENT_ADAPTER = "student_adapter"
+TEST_RESULTS = "{role}_test_*"  # the held-out test's samples, metrics and result per role
 
 # why a written instance was not kept, in the order the filters run
 DROP_REASONS = ("malformed", "duplicate", "unverified", "not_challenging", "over_budget")

@@ -26,7 +26,9 @@ artifacts back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from mmdc import artifacts
 from mmdc.config import Config, save_resolved
@@ -70,17 +72,48 @@ def _self_improving(cfg: Config) -> bool:
     return cfg.improve.enabled
 
 
+class Step(NamedTuple):
+    """One row of the iteration: its name, when it runs, the step, the restore that reads
+    its artifacts back, and the contract: what it reads and writes in ``iter_<k>/`` (or,
+    marked so, in earlier iterations and the data)."""
+
+    name: str
+    when: Callable[[Config], bool]
+    run: Callable
+    restore: Callable | None
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+A = artifacts
 # One iteration, in MmDC's order: assess the student, have the teacher write instances
 # aimed at its weaknesses (and, when it self-improves, at its own), then the student
-# learns. (name, when it runs, the step, the restore that reads its artifacts back)
+# learns.
 ITERATION = (
-    ("assess", _always, step_assess, None),
-    ("generate", _always, step_generate, restore_generate),
-    ("teacher_generate", _self_improving, step_teacher_generate, restore_teacher_generate),
-    ("teacher_update", _self_improving, step_teacher_update, restore_teacher_update),
-    ("teacher_answers", _always, step_teacher_answers, None),
-    ("imitate", _always, step_imitate, restore_imitate),
-    ("evaluate", _always, step_evaluate, None),
+    Step("assess", _always, step_assess, None,
+         reads=("the probe split", "the current adapters"),
+         writes=(A.TEACHER_PROBE_ANSWERS, A.STUDENT_PROBE_ANSWERS, A.ASSESSMENT,
+                 A.ASSESSMENT_SUMMARY, A.TEACHER_SELF_ASSESSMENT + " (improve.enabled)")),
+    Step("generate", _always, step_generate, restore_generate,
+         reads=(A.ASSESSMENT, A.GENERATED_REJECTED + " of earlier iterations", "the pool"),
+         writes=(A.GENERATED_ACCEPTED, A.GENERATED_REJECTED, A.GENERATION_REPORT)),
+    Step("teacher_generate", _self_improving, step_teacher_generate, restore_teacher_generate,
+         reads=(A.TEACHER_SELF_ASSESSMENT, "the pool"),
+         writes=(A.TEACHER_GENERATED_ACCEPTED, A.TEACHER_GENERATED_REJECTED,
+                 A.TEACHER_GENERATION_REPORT)),
+    Step("teacher_update", _self_improving, step_teacher_update, restore_teacher_update,
+         reads=(A.TEACHER_GENERATED_ACCEPTED + " of this and earlier iterations",
+                "the seed split"),
+         writes=(A.TEACHER_ADAPTER + "/", A.TEACHER_UPDATE)),
+    Step("teacher_answers", _always, step_teacher_answers, None,
+         reads=("the seed split", A.GENERATED_ACCEPTED + " of this and earlier iterations"),
+         writes=(A.TEACHER_ANSWERS,)),
+    Step("imitate", _always, step_imitate, restore_imitate,
+         reads=(A.TEACHER_ANSWERS,),
+         writes=(A.STUDENT_ADAPTER + "/", A.IMITATE)),
+    Step("evaluate", _always, step_evaluate, None,
+         reads=("the test split", "the current adapters"),
+         writes=(A.METRICS, A.TEST_RESULTS)),
 )
 
 
@@ -143,7 +176,7 @@ def run(cfg: Config) -> Path:
         _once(loop, "align/teacher", step_align, "teacher")
         loop.teacher_adapter = str(loop.run_dir / "align" / "teacher" / "adapter")
     for k in range(1, cfg.loop.iterations + 1):
-        for name, when, step, restore in ITERATION:
+        for name, when, step, restore, _, _ in ITERATION:
             if when(cfg):
                 _once(loop, f"iter_{k}/{name}", step, k)
                 if restore is not None:
@@ -159,7 +192,7 @@ def final_student_adapter(run_dir: Path) -> Path:
     state = RunState(run_dir)
     for step in reversed(state.done):
         if step.endswith("/imitate"):
-            return run_dir / step.split("/")[0] / "student_adapter"
+            return run_dir / step.split("/")[0] / artifacts.STUDENT_ADAPTER
     if "align" in state:
         return run_dir / "align" / "student" / "adapter"
     raise FileNotFoundError(f"{run_dir}: no student adapter yet (no finished align or imitate)")

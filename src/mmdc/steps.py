@@ -198,7 +198,7 @@ def step_teacher_update(loop: Loop, k: int) -> str:
         gc.collect()
     if own:
         rows = update_rows(own, images_of(loop, own), replay, images_of(loop, replay))
-        losses = train_role(cfg, cfg.teacher, rows, _teacher_start(loop), it / "teacher_adapter",
+        losses = train_role(cfg, cfg.teacher, rows, _teacher_start(loop), it / artifacts.TEACHER_ADAPTER,
                             loop.run_dir / "tensorboard" / f"teacher-{k}",
                             cfg.improve.train, label=step,
                             max_length_key="improve.train.max_length")
@@ -218,8 +218,8 @@ def _teacher_start(loop: Loop) -> str | None:
 
 
 def restore_teacher_update(loop: Loop, k: int) -> None:
-    if (loop.it(k) / "teacher_adapter").is_dir():
-        loop.teacher_adapter = str(loop.it(k) / "teacher_adapter")
+    if (loop.it(k) / artifacts.TEACHER_ADAPTER).is_dir():
+        loop.teacher_adapter = str(loop.it(k) / artifacts.TEACHER_ADAPTER)
 
 
 def step_teacher_answers(loop: Loop, k: int) -> str:
@@ -265,7 +265,7 @@ def step_imitate(loop: Loop, k: int) -> str:
                   teacher_model=load_configured(cfg.teacher, loop.teacher_adapter).model,
                   beta=kd_beta(im.kd, im.kd_beta), temperature=im.kd_temperature,
                   weight=im.kd_weight)
-    losses = train_role(cfg, cfg.student, rows, start, it / "student_adapter",
+    losses = train_role(cfg, cfg.student, rows, start, it / artifacts.STUDENT_ADAPTER,
                         loop.run_dir / "tensorboard" / f"imitate-{k}", cfg.imitate.train,
                         label=f"iter_{k}/imitate", max_length_key="imitate.train.max_length",
                         **kd)
@@ -279,7 +279,7 @@ def step_imitate(loop: Loop, k: int) -> str:
 
 
 def restore_imitate(loop: Loop, k: int) -> None:
-    loop.adapter = str(loop.it(k) / "student_adapter")
+    loop.adapter = str(loop.it(k) / artifacts.STUDENT_ADAPTER)
 
 
 def _teacher_metrics(loop: Loop) -> dict:

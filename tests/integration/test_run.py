@@ -266,6 +266,14 @@ def test_self_improving_teacher_labels_its_weak_spots_by_its_rationales(tmp_path
     state = json.loads((run_dir / "state.json").read_text())["done"]
     assert state[state.index("iter_1/generate") + 1:state.index("iter_1/teacher_answers")] == [
         "iter_1/teacher_generate", "iter_1/teacher_update"]
+    # every step wrote what its row of the step table says it writes
+    from mmdc.calibrate import ITERATION
+
+    for row in ITERATION:
+        for name in row.writes:
+            pattern = name.split(" ")[0].rstrip("/")
+            for role in ("teacher", "student"):
+                assert list(it.glob(pattern.format(role=role))), f"{row.name}: {name}"
     # the self-assessment: the teacher's letter and rationale on every probe question
     check = [json.loads(x) for x in (it / "teacher_self_assessment.jsonl").read_text().splitlines()]
     probes = (it / "teacher_probe_answers.jsonl").read_text().splitlines()
