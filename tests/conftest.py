@@ -18,7 +18,7 @@ MINI = DATA / "scienceqa_mini"
 # the calibration loop at its smallest: one iteration, a few steps of each stage
 TINY = ["loop.iterations=1", "align.train.max_steps=3", "align.train.batch_size=8",
         "imitate.train.max_steps=3", "imitate.train.batch_size=8", "generate.per_iteration=4",
-        "generate.k=2", "imitate.max_new_tokens=40", "generate.max_new_tokens=80",
+        "verify.k=2", "imitate.max_new_tokens=40", "generate.max_new_tokens=80",
         "improve.enabled=false"]  # the self-improving teacher has tests of its own
 SMALL = TaskSizes(pretrain=0, train=24, pool=8, val=16, test=32)
 

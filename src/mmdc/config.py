@@ -31,6 +31,7 @@ from mmdc.schema import (  # noqa: F401 - the sections are part of this module's
     ModelConfig,
     SynthConfig,
     TrainConfig,
+    VerifyConfig,
     upgrade,
 )
 

@@ -20,18 +20,29 @@ RENAMED = {
     "loop.teacher_tau": "improve.tau",
     "loop.teacher_replay": "improve.replay",
     "loop.teacher_train": "improve.train",
+    "generate.k": "verify.k",
+    "generate.tau": "verify.tau",
+    "generate.written_vote": "verify.written_vote",
+    "generate.verify_prompt": "verify.prompt",
+    "generate.challenge": "verify.challenge",
+    "generate.challenge_by": "verify.challenge_by",
+    "generate.mastery": "verify.mastery",
 }
+# keys that drove two things and now have a key each: the old key keeps its place and
+# also sets the new one, where the new one is not given
+SPLIT = {"generate.temperature": "verify.temperature"}
 
 
 def upgrade(data: dict) -> dict:
     """``data`` (a config tree as given) with every key of :data:`RENAMED` moved to its
-    new place; a key given under both names keeps the new name's value."""
+    new place and every key of :data:`SPLIT` copied to its new one; a key given under
+    both names keeps the new name's value."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for old, new in RENAMED.items():
+    for old, new in [*RENAMED.items(), *SPLIT.items()]:
         (old_sec, old_key), (new_sec, new_key) = old.split("."), new.split(".")
         section = out.get(old_sec)
         if isinstance(section, dict) and old_key in section:
-            value = section.pop(old_key)
+            value = section[old_key] if old in SPLIT else section.pop(old_key)
             target = out.setdefault(new_sec, {})
             if isinstance(target, dict):
                 target.setdefault(new_key, value)
@@ -151,42 +162,25 @@ class ImitateConfig(_Section):
 
 
 class GenerateConfig(_Section):
+    """The teacher writes new instances: how many seeds, which, on which pool image, and
+    how (seed selection: mmdc.stages.seeds; writing: mmdc.stages.generate)."""
+
     per_iteration: int = Field(192, ge=1)  # seeds asked per iteration
     # the share of the seeds drawn from the hard probes (the rest from the easy ones, asked
     # for a harder question); on the built-in task every seed hard, with by_yield, measured
-    # best (README, "Calibration gain")
+    # best (docs/experiments)
     hard_share: float = Field(1.0, ge=0.0, le=1.0)
-    k: int = Field(5, ge=1)  # sampled teacher answers for self-consistency
-    # minimum agreement of the k + 1 votes (written label and k samples) to keep an
-    # instance: 0.9 with k=5 asks all six to agree (the toy teacher's letters are sharp:
-    # a disagreement marks a suspect instance); the real configs use 0.6
-    tau: float = Field(0.9, ge=0.0, le=1.0)
-    # whether the label the teacher wrote counts as one of the votes (false: the k
-    # samples alone decide, and a written label they overrule is replaced)
-    written_vote: bool = True
-    rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
-    # drop instances the student already answers like the teacher (targeted strategy only),
-    # judged per instance or per kind (the instances written for one seed skill and mode,
-    # dropped together when the student answers at least `mastery` of them like the
-    # teacher: judged one by one, a student that guesses keeps only its wrong guesses and
-    # learns the other answer's bias)
-    challenge: bool = True
-    challenge_by: Literal["instance", "kind"] = "kind"
-    mastery: float = Field(0.9, ge=0.0, le=1.0)
+    rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)  # the duplicate filter
     # hard seeds of a skill drawn in proportion to the share of the teacher's earlier
     # writing for that skill it could verify (targeted strategy, from the second iteration)
     by_yield: bool = True
     # rounds of writing more when the challenge filter leaves an iteration short of
     # max_accepted: the teacher writes again from the seeds whose instances were kept
     # (twice the missing count). Off by default: on the built-in task it filled the
-    # targeted arm's third iteration without lifting the student (README)
+    # targeted arm's third iteration without lifting the student (docs/experiments)
     refill: int = Field(0, ge=0)
-    temperature: float = Field(0.7, ge=0.0)  # 0: greedy (the k answers are then one)
-    # the format of the teacher's k verifying answers: its rationales (CQM-LEA) or the
-    # letter alone (CQM-A). The toy teacher answers 99.75% in CQM-A but 91% in CQM-LEA
-    # (spatial 54, alphabet 76): its letters are the better labels
-    verify_prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-A"
-    max_new_tokens: int = Field(128, ge=8)
+    temperature: float = Field(0.7, ge=0.0)  # of the writing; 0: greedy
+    max_new_tokens: int = Field(128, ge=8)  # of the writing
     # keep at most this many accepted instances per iteration (0: no limit); the rest are
     # dropped as over_budget. Comparing strategies at an equal generation budget uses it.
     max_accepted: int = Field(96, ge=0)
@@ -196,6 +190,33 @@ class GenerateConfig(_Section):
     # and magnet pictures are as rare in the pool as in the seed split; the few nearest
     # would repeat the seed's answer), or "random", any free image
     pair_images: Literal["random", "similar"] = "similar"
+
+
+class VerifyConfig(_Section):
+    """The teacher calibrates the labels of what it wrote, and the challenge filter keeps
+    what the student does not know yet (mmdc.stages.verify)."""
+
+    k: int = Field(5, ge=1)  # sampled teacher answers for self-consistency
+    # minimum agreement of the k + 1 votes (written label and k samples) to keep an
+    # instance: 0.9 with k=5 asks all six to agree (the toy teacher's letters are sharp:
+    # a disagreement marks a suspect instance); the real configs use 0.6
+    tau: float = Field(0.9, ge=0.0, le=1.0)
+    # whether the label the teacher wrote counts as one of the votes (false: the k
+    # samples alone decide, and a written label they overrule is replaced)
+    written_vote: bool = True
+    # the format of the teacher's k verifying answers: its rationales (CQM-LEA; as long as
+    # generate.max_new_tokens) or the letter alone (CQM-A; as long as eval.max_new_tokens).
+    # The toy teacher's letters are its better labels
+    prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-A"
+    temperature: float = Field(0.7, ge=0.0)  # of the k samples; 0: greedy (one answer)
+    # drop instances the student already answers like the teacher (targeted strategy only),
+    # judged per instance or per kind (the instances written for one seed skill and mode,
+    # dropped together when the student answers at least `mastery` of them like the
+    # teacher: judged one by one, a student that guesses keeps only its wrong guesses and
+    # learns the other answer's bias)
+    challenge: bool = True
+    challenge_by: Literal["instance", "kind"] = "kind"
+    mastery: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class AssessConfig(_Section):
@@ -226,7 +247,7 @@ class ImproveConfig(_Section):
     enabled: bool = True
     seeds: int = Field(64, ge=0)  # seeds per iteration for the teacher's weak spots
     # the format of the k answers whose majority labels the teacher's own instances (its
-    # written label votes too, as in generate.written_vote), and the share that must agree
+    # written label votes too, as in verify.written_vote), and the share that must agree
     verify_prompt: Literal["CQM-A", "CQM-LEA"] = "CQM-LEA"
     tau: float = Field(0.9, ge=0.0, le=1.0)
     # seed-split instances where its letter and rationale agree, replayed with that shared
@@ -250,5 +271,6 @@ class Config(_Section):
     imitate: ImitateConfig = ImitateConfig()
     assess: AssessConfig = AssessConfig()
     generate: GenerateConfig = GenerateConfig()
+    verify: VerifyConfig = VerifyConfig()
     loop: LoopConfig = LoopConfig()
     improve: ImproveConfig = ImproveConfig()

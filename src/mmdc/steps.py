@@ -118,7 +118,7 @@ def step_generate(loop: Loop, k: int) -> str:
         seeds = select_seeds(hard, easy, cfg.generate.per_iteration, free_images(loop), rng,
                              cfg.generate.hard_share, near=near_images(loop, hard + easy),
                              hard_weights=yield_weights(loop, k, hard))
-        challenge = cfg.generate.challenge and cfg.loop.strategy == "targeted"
+        challenge = cfg.verify.challenge and cfg.loop.strategy == "targeted"
         accepted, rejected, report = write_generation(loop, k, "generate", seeds,
                                                        challenge=challenge)
         if challenge:

@@ -21,25 +21,26 @@ def write_generation(loop: Loop, k: int, prefix: str, seeds, *, challenge: bool,
                      verify_prompt: str | None = None, tau: float | None = None,
                      rationale_tokens: int | None = None):
     """Write and verify instances from ``seeds`` (``also``: instances of this iteration
-    already kept, for the duplicate filter; ``verify_prompt`` / ``tau`` replace the
-    generate section's, ``rationale_tokens`` the length of rationale votes, by default
+    already kept, for the duplicate filter; ``verify_prompt`` / ``tau`` replace the verify
+    section's, ``rationale_tokens`` the length of rationale votes, by default
     ``generate.max_new_tokens``); (accepted, rejected, report)."""
     from mmdc.stages.generate import generate_instances
 
-    cfg, g = loop.cfg, loop.cfg.generate
-    verify_prompt = verify_prompt or g.verify_prompt
+    cfg, g, v = loop.cfg, loop.cfg.generate, loop.cfg.verify
+    verify_prompt = verify_prompt or v.prompt
     step = f"iter_{k}/{prefix}"
     teacher = loop.teacher(step)
     student = loop.student(step) if challenge else None
     out = generate_instances(
         teacher, student, seeds, loop.images,
         existing=loop.pool + loop.probe.instances + list(also),
-        iteration=k, k=g.k, tau=g.tau if tau is None else tau, written_vote=g.written_vote,
+        iteration=k, k=v.k, tau=v.tau if tau is None else tau, written_vote=v.written_vote,
         rouge_threshold=g.rouge_threshold, challenge=challenge,
-        temperature=g.temperature, max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature, verify_temperature=v.temperature,
+        max_new_tokens=g.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + k + first_id,
         max_accepted=g.max_accepted if max_accepted is None else max_accepted,
-        verify_prompt=verify_prompt, challenge_by=g.challenge_by, mastery=g.mastery,
+        verify_prompt=verify_prompt, challenge_by=v.challenge_by, mastery=v.mastery,
         first_id=first_id,
         verify_max_new_tokens=cfg.eval.max_new_tokens if verify_prompt == "CQM-A"
         else rationale_tokens)

@@ -83,7 +83,7 @@ CASES = {
                                                                           "line"]),
     "config: unknown key": (lambda t: [cfg_file(t, "evals: {}\n")], ["unknown key 'evals'"]),
     "config: wrong type": (lambda t: ["eval.batch_size=many"], ["eval.batch_size"]),
-    "config: value out of range": (lambda t: ["generate.tau=2"], ["generate.tau"]),
+    "config: value out of range": (lambda t: ["verify.tau=2"], ["verify.tau"]),
     "config: not UTF-8": (lambda t: [cfg_file(t, "run_dir: caf\xe9\n".encode("latin-1"))],
                           ["not UTF-8"]),
     "config: top level is a list": (lambda t: [cfg_file(t, "- a\n- b\n")], ["mapping"]),

@@ -134,18 +134,18 @@ def test_console_script_error_is_one_line(tmp_path):
 # override that stands after its options (a bad value proves it was read: the error
 # names the key before any work starts)
 @pytest.mark.parametrize("argv", [
-    ["eval", "--model", "builtin:student", "--split", "test", "generate.tau=2"],
-    ["eval", "--model", "builtin:student", "generate.tau=2", "--split", "test"],
-    ["data", "export", "--split", "train", "--out", "x.json", "generate.tau=2"],
-    ["align", "generate.tau=2"],
-    ["run", "--resume", "generate.tau=2"],
-    ["calibrate", "--resume", "generate.tau=2"],
-    ["demo", "generate.tau=2"],
-    ["-v", "run", "--resume", "generate.tau=2"],
+    ["eval", "--model", "builtin:student", "--split", "test", "verify.tau=2"],
+    ["eval", "--model", "builtin:student", "verify.tau=2", "--split", "test"],
+    ["data", "export", "--split", "train", "--out", "x.json", "verify.tau=2"],
+    ["align", "verify.tau=2"],
+    ["run", "--resume", "verify.tau=2"],
+    ["calibrate", "--resume", "verify.tau=2"],
+    ["demo", "verify.tau=2"],
+    ["-v", "run", "--resume", "verify.tau=2"],
 ])
 def test_overrides_after_options(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert "generate.tau" in run_error(capsys, argv)
+    assert "verify.tau" in run_error(capsys, argv)
 
 
 def test_config_file_after_options(tmp_path, capsys, monkeypatch):

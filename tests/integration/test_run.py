@@ -110,11 +110,11 @@ def test_resume_with_a_changed_config_is_refused_and_loses_nothing(finished_run,
     run_dir, args = finished_run
     saved = (run_dir / "config.yaml").read_text()
     state = (run_dir / "state.json").read_text()
-    changed = [*args, "imitate.train.learning_rate=0.5", "generate.tau=0.5"]
+    changed = [*args, "imitate.train.learning_rate=0.5", "verify.tau=0.5"]
     assert main(changed) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "generate.tau" in err and "imitate.train.learning_rate" in err
+    assert "verify.tau" in err and "imitate.train.learning_rate" in err
     assert (run_dir / "config.yaml").read_text() == saved  # nothing overwritten
     assert (run_dir / "state.json").read_text() == state
 
@@ -260,7 +260,7 @@ def test_self_improving_teacher_labels_its_weak_spots_by_its_rationales(tmp_path
             "improve.enabled=true", "improve.train.max_steps=2",
             "align.roles=[student, teacher]", "improve.seeds=4", "improve.tau=0.0",
             "improve.replay=3", "improve.train.batch_size=4",
-            "generate.challenge=false", "generate.tau=0.0", "generate.per_iteration=6"]
+            "verify.challenge=false", "verify.tau=0.0", "generate.per_iteration=6"]
     assert main(args) == 0
     it = run_dir / "iter_1"
     state = json.loads((run_dir / "state.json").read_text())["done"]

@@ -114,3 +114,16 @@ def test_the_self_improving_teacher_keys_an_earlier_mmdc_wrote_still_load(tmp_pa
     assert changed_keys(saved, Config()) == []
     assert changed_keys(saved, load_config(None, ["improve.enabled=false"])) == [
         "improve.enabled"]
+
+
+def test_the_verification_keys_moved_from_generate_still_load():
+    """generate.k, tau, written_vote, verify_prompt, challenge, challenge_by and mastery
+    are the verify section's now; generate.temperature, which drove the writing and the
+    votes, sets verify.temperature too unless that is given."""
+    cfg = load_config(None, ["generate.tau=0.6", "generate.verify_prompt=CQM-LEA",
+                             "generate.challenge=false", "generate.temperature=0"])
+    assert cfg.verify.tau == 0.6 and cfg.verify.prompt == "CQM-LEA"
+    assert not cfg.verify.challenge
+    assert cfg.generate.temperature == 0 and cfg.verify.temperature == 0
+    cfg = load_config(None, ["generate.temperature=0", "verify.temperature=0.5"])
+    assert cfg.verify.temperature == 0.5

@@ -5,7 +5,7 @@ unverified, not challenging or over budget) carries its written label and the te
 k sampled answers (``meta``). This sorts them by the vote pattern, whether the k samples
 agree all and whether the written label is theirs, and judges each against the task's
 ground truth (:func:`mmdc.toy.diagnostics.check_record`: the samples' label right or
-wrong, or the question ill-posed on its image), per skill. With ``generate.written_vote``
+wrong, or the question ill-posed on its image), per skill. With ``verify.written_vote``
 on (the default) and tau 0.9, only "unanimous, written agrees" is kept; the row
 "unanimous, written differs" is what turning it off would add.
 

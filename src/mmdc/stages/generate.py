@@ -91,6 +91,7 @@ def lecture_skills(instances: list[Instance]) -> dict[str, str]:
 def generate_instances(teacher, student, seeds: list[Seed], load_image, *, existing: list[Instance],
                        iteration: int, k: int = 5, tau: float = 0.6, rouge_threshold: float = 0.7,
                        challenge: bool = True, temperature: float = 0.7,
+                       verify_temperature: float | None = None,
                        max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
                        max_accepted: int = 0, verify_prompt: str = "CQM-LEA",
                        verify_max_new_tokens: int | None = None, challenge_by: str = "instance",
@@ -140,7 +141,9 @@ def generate_instances(teacher, student, seeds: list[Seed], load_image, *, exist
     accepted = verify_labels(
         teacher, candidates, k=k, tau=tau, written_vote=written_vote,
         verify_prompt=verify_prompt, max_new_tokens=verify_max_new_tokens or max_new_tokens,
-        batch_size=batch_size, temperature=temperature, seed=seed + 1, iteration=iteration,
+        batch_size=batch_size,
+        temperature=temperature if verify_temperature is None else verify_temperature,
+        seed=seed + 1, iteration=iteration,
         report=report, rejected=rejected)
     if challenge and accepted:
         accepted = challenge_filter(student, accepted, challenge_by=challenge_by,

@@ -3,7 +3,7 @@ keeps what the student does not know yet.
 
 1. Self-consistency: the label kept is the majority of the teacher's written label and its
    k sampled answers (kept when at least tau of the k + 1 agree; ``written_vote`` off: of
-   the k samples alone), the samples in the format ``verify_prompt`` (rationales,
+   the k samples alone), the samples in the format ``verify.prompt`` (rationales,
    CQM-LEA, or the letter alone, CQM-A: whichever the teacher answers best). Dropped:
    ``unverified``.
 2. Challenge: an instance the current student already answers like the teacher is

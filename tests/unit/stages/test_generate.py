@@ -392,7 +392,7 @@ def test_hard_weights_draw_the_hard_seeds_in_proportion():
 
 @pytest.mark.parametrize("written_vote", [True, False])
 def test_written_label_as_a_vote(written_vote):
-    """generate.written_vote: the teacher writes (A) but answers (B) every time it is asked.
+    """verify.written_vote: the teacher writes (A) but answers (B) every time it is asked.
     With its written label as a vote, 3 of 4 agree (under tau 0.9): unverified; without,
     the samples are unanimous and their label replaces the written one."""
     from mmdc.stages.generate import generate_instances
