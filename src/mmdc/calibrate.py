@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from mmdc import artifacts
+from mmdc import artifacts as A
 from mmdc.config import Config, save_resolved
 from mmdc.data.images import ImageCache, check_images
 from mmdc.data.load import load_split_collective, read_image_pool
@@ -85,7 +85,6 @@ class Step(NamedTuple):
     writes: tuple[str, ...]
 
 
-A = artifacts
 # One iteration, in MmDC's order: assess the student, have the teacher write instances
 # aimed at its weaknesses (and, when it self-improves, at its own), then the student
 # learns.
@@ -176,11 +175,11 @@ def run(cfg: Config) -> Path:
         _once(loop, "align/teacher", step_align, "teacher")
         loop.teacher_adapter = str(loop.run_dir / "align" / "teacher" / "adapter")
     for k in range(1, cfg.loop.iterations + 1):
-        for name, when, step, restore, _, _ in ITERATION:
-            if when(cfg):
-                _once(loop, f"iter_{k}/{name}", step, k)
-                if restore is not None:
-                    restore(loop, k)
+        for row in ITERATION:
+            if row.when(cfg):
+                _once(loop, f"iter_{k}/{row.name}", row.run, k)
+                if row.restore is not None:
+                    row.restore(loop, k)
     if loop.main:
         write_report(loop.run_dir, cfg.loop.iterations)
     distributed.barrier()
@@ -192,7 +191,7 @@ def final_student_adapter(run_dir: Path) -> Path:
     state = RunState(run_dir)
     for step in reversed(state.done):
         if step.endswith("/imitate"):
-            return run_dir / step.split("/")[0] / artifacts.STUDENT_ADAPTER
+            return run_dir / step.split("/")[0] / A.STUDENT_ADAPTER
     if "align" in state:
         return run_dir / "align" / "student" / "adapter"
     raise FileNotFoundError(f"{run_dir}: no student adapter yet (no finished align or imitate)")
@@ -203,7 +202,7 @@ def export_student(run_dir: Path, out: Path) -> Path:
     from mmdc.config import load_config
     from mmdc.training import export_merged
 
-    cfg = load_config(run_dir / artifacts.CONFIG)
+    cfg = load_config(run_dir / A.CONFIG)
     adapter = final_student_adapter(run_dir)
     loaded = load_configured(cfg.student, str(adapter))
     return export_merged(loaded.model, loaded.processor, out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmdc import artifacts
 from mmdc.config import Config
 from mmdc.data.images import ImageCache
 from mmdc.data.record import Instance
@@ -41,7 +42,7 @@ class Loop:
         return self.labelled + self.generated
 
     def it(self, k: int) -> Path:
-        return self.run_dir / f"iter_{k}"
+        return artifacts.iter_dir(self.run_dir, k)
 
     def teacher(self, step: str, who: str = "teacher"):
         return journaled(teacher_backend(self.cfg, self.teacher_adapter, self.run_dir),

@@ -104,7 +104,7 @@ def narrative(run_dir: Path, iterations: int, diag: dict) -> list[str]:
         lines.append(f"Before calibration the student scored {_avg(prev):.2f} "
                      "on the held-out test.")
     for k in range(1, iterations + 1):
-        it = run_dir / f"iter_{k}"
+        it = artifacts.iter_dir(run_dir, k)
         metrics = _read(it / artifacts.METRICS)
         if metrics is None:
             break
@@ -161,7 +161,7 @@ def write_report(run_dir: Path, iterations: int) -> Path:
     lines = [f"# MmDC run report: {run_dir}", ""]
     cols, skills, gen = {}, {}, []
     for k in range(1, iterations + 1):
-        it = run_dir / f"iter_{k}"
+        it = artifacts.iter_dir(run_dir, k)
         if not (it / artifacts.METRICS).is_file():
             break
         m = read_json(it / artifacts.METRICS)
@@ -229,7 +229,7 @@ def write_plots(run_dir: Path, iterations: int) -> list[Path]:
 
     its, metrics, per_skill_gen = [], [], {}
     for k in range(1, iterations + 1):
-        it = run_dir / f"iter_{k}"
+        it = artifacts.iter_dir(run_dir, k)
         if not (it / artifacts.METRICS).is_file():
             break
         its.append(k)

@@ -143,7 +143,7 @@ def run_diagnostics(run_dir: Path, iterations: int, scenes: dict[str, dict],
                     probe: list | None = None) -> dict[int, dict]:
     out = {}
     for k in range(1, iterations + 1):
-        it = run_dir / f"iter_{k}"
+        it = artifacts.iter_dir(run_dir, k)
         if not (it / artifacts.GENERATION_REPORT).is_file():
             break
         out[k] = iteration_diagnostics(it, scenes, probe)
